@@ -55,7 +55,7 @@ def torch_default_bias_init(fan_in: int):
 
 def kaiming_normal_fan_out():
   """``nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu')``: N(0, 2/(O*prod(kernel)))."""
-  return nnx.initializers.variance_scaling(2.0, "fan_out", "untruncated_normal")
+  return nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def normal_init(stddev: float):

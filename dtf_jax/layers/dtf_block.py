@@ -1,0 +1,199 @@
+"""The Dynamic Temporal Filtering block (DTF, ECCV 2022), SPEC.md section 3.2.
+
+Channels-last: the block maps ``(B, T, H, W, C) -> (B, T, H, W, C)``. Per pixel it
+
+1. correlates every frame with its previous frame in a KxK neighbourhood (raw scores ``r``),
+2-4. aggregates the KxK neighbourhood with ``softmax(r)`` and adds the *next* frame's aggregate to
+   each frame (``u``; ``dtf_jax.ops.frame_wise_aggregation``),
+5. takes the orthonormal real FFT of ``u`` over time (F = T//2 + 1 frequencies),
+6-7. generates a per-pixel complex filter from ``[u; r]`` with a 1x1 linear map (``filter_g``),
+8. modulates the spectrum with it and mixes channels with a complex linear map (``linear1``),
+9. normalises real and imaginary parts with one affine-less BatchNorm (``norm1.norm``),
+10. returns ``x + irfft(alpha1 * V) + bias`` (the residual bypasses the aggregation).
+
+Parameter tree (mirrors the PyTorch ``DTFBlock`` of the original code):
+
+* ``weights_cor``: ``FrozenParam (T, K, K, C)`` = 1/C (PyTorch ``(C, T, K, K)``, transposed
+  ``(1, 2, 3, 0)`` by the converter); read through ``stop_gradient``.
+* ``filter_g/kernel``: ``((C + K*K) * T, O)``, ``O = 2*C*F // factor_g``; input feature ``j*T + t``
+  is feature ``j`` (``u`` channels first, then the K*K correlation taps) of frame ``t``. PyTorch's
+  ``filter_g.weight (O, (C+K*K)*T, 1, 1)`` converts with ``[:, :, 0, 0].T``.
+* ``linear1/complex_weight``: real ``(C_out, C_in, 2)`` (PyTorch layout, no conversion):
+  ``W[o, c] = cw[o, c, 0] + i*cw[o, c, 1]``.
+* ``alpha1``, ``bias``: ``(C,)`` (PyTorch ``(1, C, 1, 1, 1)``).
+* ``norm1/norm``: affine-less ``BatchNorm`` with batch stats ``mean``, ``var``,
+  ``num_batches_tracked``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dtf_jax import ops
+from dtf_jax.layers import common
+
+Array = jax.Array
+
+_KERNEL_IMPLS = ("auto", "xla", "pallas")
+
+
+def dtf_filter_outputs(dim: int, clip_len: int, factor_g: int = 16) -> int:
+  """Output features ``O = 2*C*F // factor_g`` of ``filter_g`` (``F = clip_len//2 + 1``)."""
+  return 2 * dim * (clip_len // 2 + 1) // factor_g
+
+
+def check_dtf_shape(dim: int, clip_len: int, factor_g: int = 16, *, where: str = "DTFBlock") -> None:
+  """Raises ``ValueError`` unless ``2*C*(T//2+1)`` is a multiple of ``factor_g`` (SPEC 7.18).
+
+  The filter of ``O = 2*C*F/factor_g`` values is expanded ``factor_g``-fold and read as ``(C, F, 2)``,
+  which only works when ``2*C*F`` is divisible by ``factor_g`` (``C*F % 8 == 0`` for 16).
+  """
+  freqs = clip_len // 2 + 1
+  if (2 * dim * freqs) % factor_g:
+    raise ValueError(
+        f"{where}: DTF needs 2*C*(T//2+1) divisible by factor_g={factor_g}, got C={dim} channels, "
+        f"T={clip_len} frames (2*{dim}*{freqs}={2 * dim * freqs}); choose a channel width or clip "
+        f"length for which C*(T//2+1) is a multiple of {factor_g // 2} (e.g. C a multiple of 8)")
+
+
+class ComplexLinear(nnx.Module):
+  """Complex channel mixing ``V[..., o] = sum_c W[o, c] * P[..., c]`` without bias (``FFTLinear``).
+
+  ``complex_weight``: real ``(C_out, C_in, 2)``, ``W = cw[..., 0] + i*cw[..., 1]``, init N(0, 0.02^2).
+  Works on real/imaginary pairs of float32 arrays.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
+    self.complex_weight = nnx.Param(
+        common.normal_init(0.02)(rngs.params(), (out_features, in_features, 2), jnp.float32))
+
+  def __call__(self, real: Array, imag: Array) -> tuple[Array, Array]:
+    """``real``, ``imag``: ``(..., C_in)`` float32 -> ``(..., C_out)`` real and imaginary parts."""
+    w = self.complex_weight[...]
+    wr, wi = w[..., 0].T, w[..., 1].T  # (C_in, C_out)
+    hi = jax.lax.Precision.HIGHEST
+    out_r = jnp.matmul(real, wr, precision=hi) - jnp.matmul(imag, wi, precision=hi)
+    out_i = jnp.matmul(real, wi, precision=hi) + jnp.matmul(imag, wr, precision=hi)
+    return out_r, out_i
+
+
+class FFTBatchNorm(nnx.Module):
+  """Affine-less BatchNorm over real and imaginary parts together (``FFTBatchNorm``, SPEC 3.2 step 9).
+
+  Per channel, one mean/variance over the ``2*B*F*H*W`` numbers ``{Re V, Im V}``; both parts are
+  normalised with it. The BatchNorm lives at ``norm`` (PyTorch ``norm1.norm``).
+  """
+
+  def __init__(self, dim: int, *, group_size: int | None = None):
+    self.norm = common.BatchNorm(dim, affine=False, group_size=group_size)
+
+  def __call__(self, real: Array, imag: Array) -> tuple[Array, Array]:
+    """``real``, ``imag``: ``(B, F, H, W, C)`` float32 -> normalised pair, same shapes."""
+    both = jnp.stack([real, imag], axis=1)  # (B, 2, F, H, W, C): batch axis stays leading
+    out = self.norm(both)
+    return out[:, 0], out[:, 1]
+
+
+class DTFBlock(nnx.Module):
+  """Dynamic temporal filtering with a residual connection (SPEC 3.2).
+
+  Args:
+    dim: channels C.
+    clip_len: frames T of the input (fixed: ``weights_cor`` and ``filter_g`` depend on it).
+    kernel_size: spatial window K of the correlation / aggregation (3 in every released model).
+    factor_g: filter compression factor; ``filter_g`` has ``2*C*F // factor_g`` outputs.
+    kernel_impl: ``'auto' | 'xla' | 'pallas'``, passed to ``dtf_jax.ops``.
+    bn_group_size: per-device batch of the originals' BatchNorm (``common.BatchNorm.group_size``);
+      ``None`` = statistics over the whole batch.
+    dtype: compute dtype of ``filter_g`` (``None`` = input dtype). The FFT, the spectral
+      modulation, the complex linear map and the normalisation statistics always run in float32.
+    rngs: ``nnx.Rngs`` with a ``params`` stream.
+
+  Call: ``x (B, T, H, W, C)`` with ``T == clip_len`` -> ``(B, T, H, W, C)`` in ``x.dtype``.
+  """
+
+  def __init__(
+      self,
+      dim: int,
+      clip_len: int,
+      *,
+      kernel_size: int = 3,
+      factor_g: int = 16,
+      kernel_impl: str = "auto",
+      bn_group_size: int | None = None,
+      dtype=None,
+      rngs: nnx.Rngs,
+  ):
+    if dim < 1 or clip_len < 1:
+      raise ValueError(f"DTFBlock needs dim >= 1 and clip_len >= 1, got dim={dim}, clip_len={clip_len}")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+      raise ValueError(f"DTFBlock kernel_size must be a positive odd integer, got {kernel_size}")
+    if kernel_impl not in _KERNEL_IMPLS:
+      raise ValueError(f"kernel_impl must be one of {_KERNEL_IMPLS}, got {kernel_impl!r}")
+    check_dtf_shape(dim, clip_len, factor_g, where=f"DTFBlock(dim={dim}, clip_len={clip_len})")
+    self.dim = dim
+    self.clip_len = clip_len
+    self.kernel_size = kernel_size
+    self.factor_g = factor_g
+    self.kernel_impl = kernel_impl
+    self.dtype = dtype
+    self.num_freqs = clip_len // 2 + 1
+    taps = kernel_size * kernel_size
+    self.weights_cor = common.FrozenParam(
+        jnp.full((clip_len, kernel_size, kernel_size, dim), 1.0 / dim, jnp.float32))
+    self.filter_g = common.linear(
+        (dim + taps) * clip_len,
+        dtf_filter_outputs(dim, clip_len, factor_g),
+        use_bias=False,
+        kernel_init=common.kaiming_normal_fan_out(),
+        dtype=dtype,
+        rngs=rngs,
+    )
+    self.linear1 = ComplexLinear(dim, dim, rngs=rngs)
+    self.alpha1 = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.norm1 = FFTBatchNorm(dim, group_size=bn_group_size)
+
+  def __call__(self, x: Array) -> Array:
+    if x.ndim != 5 or x.shape[1] != self.clip_len or x.shape[-1] != self.dim:
+      raise ValueError(
+          f"DTFBlock(dim={self.dim}, clip_len={self.clip_len}) expects input (B, {self.clip_len}, H, W, "
+          f"{self.dim}), got shape {x.shape}; the clip length after the stem must equal the clip_len "
+          "the block was built with")
+    b, t, h, w, c = x.shape
+    weight = jax.lax.stop_gradient(self.weights_cor[...])
+    # Steps 1-4: raw correlation r (B,T,H,W,K*K) and u = x + next frame's softmax aggregation.
+    u, r = ops.frame_wise_aggregation(
+        x, weight, kernel_size=self.kernel_size, dilation=1, impl=self.kernel_impl)
+
+    # Step 5: orthonormal real FFT over time, float32/complex64.
+    spec = jnp.fft.rfft(u.astype(jnp.float32), axis=1, norm="ortho")  # (B, F, H, W, C)
+
+    # Step 6: filter generation from z[j*T + t] = [u; r]_t[j] (feature-major, time-minor).
+    cdtype = self.dtype or x.dtype
+    z = jnp.concatenate([u.astype(cdtype), r.astype(cdtype)], axis=-1)  # (B, T, H, W, C+K*K)
+    z = jnp.transpose(z, (0, 2, 3, 4, 1)).reshape(b, h, w, -1)  # (B, H, W, (C+K*K)*T)
+    phi = self.filter_g(z).astype(jnp.float32)  # (B, H, W, O)
+
+    # Step 7: each entry repeated factor_g times, read as (C, F, 2) -> complex filter (B,F,H,W,C).
+    psi = jnp.repeat(phi, self.factor_g, axis=-1).reshape(b, h, w, c, self.num_freqs, 2)
+    psi = jnp.transpose(psi, (0, 4, 1, 2, 3, 5))
+    psi_r, psi_i = psi[..., 0], psi[..., 1]
+
+    # Step 8: modulation, then complex channel mixing.
+    spec_r, spec_i = jnp.real(spec), jnp.imag(spec)
+    mod_r = spec_r * psi_r - spec_i * psi_i
+    mod_i = spec_r * psi_i + spec_i * psi_r
+    v_r, v_i = self.linear1(mod_r, mod_i)
+
+    # Step 9: one BatchNorm over both parts.
+    v_r, v_i = self.norm1(v_r, v_i)
+
+    # Step 10: scale, inverse FFT, residual on the un-aggregated input, bias.
+    alpha = self.alpha1[...]
+    filtered = jax.lax.complex(v_r * alpha, v_i * alpha)
+    y = jnp.fft.irfft(filtered, n=t, axis=1, norm="ortho")  # (B, T, H, W, C) float32
+    out = x.astype(jnp.float32) + y + self.bias[...]
+    return out.astype(x.dtype)
