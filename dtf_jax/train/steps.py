@@ -1,0 +1,105 @@
+"""Jitted train step (gradient accumulation over ``iter_size`` micro-batches) and predict.
+
+Train step semantics (SPEC.md 6.4): for each of the ``iter_size`` micro-batches (each a full
+data-loader iteration of ``batch_size`` clips over all devices), the loss is
+``loss_total = loss / iter_size * loss_weight`` and its gradient is accumulated; BatchNorm running
+statistics are updated after every micro-batch, in order. Then one optimizer update (clipping,
+decay, momentum, learning rate: see ``optim.py``). The loss is the mean over the micro-batch of all
+devices (= the originals' per-GPU mean averaged by DDP).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dtf_jax import evaluate as evaluate_lib
+from dtf_jax.train import losses
+from dtf_jax.train import mesh as mesh_lib
+from dtf_jax.train.train_state import ModelSetup, merge_model, split_model
+
+
+def make_train_step(setup: ModelSetup, tx, schedule, *, mesh, iter_size: int, loss_weight: float,
+                    label_smoothing: str = "none", label_smoothing_epsilon: float = 0.1,
+                    head_weights=None):
+  """Returns ``train_step(state, rngs, batch) -> (state, metrics)``, jitted and donating ``state``.
+
+  ``batch``: ``{'video': (iter_size, B, L, H, W, 3), 'label': (iter_size, B)}`` global arrays
+  sharded on axis 1. ``metrics``: replicated scalars ``loss`` (mean unweighted loss over the
+  micro-batches), ``accuracy`` (top-1 of the first head), ``grad_norm`` (global L2 norm of the
+  accumulated gradient before clipping), ``learning_rate``.
+  """
+  graphdef = setup.graphdef
+  scale = float(loss_weight) / float(iter_size)
+
+  def train_step(state, rngs, batch):
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    frozen = state.get("frozen")
+
+    def micro_step(carry, inputs):
+      grad_sum, batch_stats, other = carry
+      video, label, index = inputs
+
+      def loss_fn(params):
+        model = merge_model(graphdef, dict(params=params, frozen=frozen, batch_stats=batch_stats,
+                                           other=other), rngs)
+        nnx.reseed(model, dropout=jax.random.fold_in(step_key, index))
+        model.train()
+        outputs = model(video)
+        loss, logits = losses.classification_loss(
+            outputs, label, label_smoothing=label_smoothing, epsilon=label_smoothing_epsilon,
+            head_weights=head_weights)
+        _, collections, _ = split_model(model)
+        return loss * scale, (loss, logits, collections["batch_stats"], collections["other"])
+
+      (_, (loss, logits, batch_stats, other_new)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state["params"])
+      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+      correct = jnp.sum(jnp.argmax(logits, axis=-1) == label)
+      return (grad_sum, batch_stats, other_new if other is not None else None), (loss, correct)
+
+    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    carry = (zeros, state["batch_stats"], state.get("other"))
+    (grads, batch_stats, other), (loss, correct) = jax.lax.scan(
+        micro_step, carry, (batch["video"], batch["label"], jnp.arange(iter_size)))
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = dict(state)
+    new_state.update(step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
+                     batch_stats=batch_stats, opt_state=opt_state)
+    if other is not None:
+      new_state["other"] = other
+    metrics = {
+        "loss": jnp.mean(loss),
+        "accuracy": jnp.sum(correct) / batch["label"].size,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state["step"]),
+    }
+    return new_state, metrics
+
+  batch_shardings = {"video": mesh_lib.batch_sharding(mesh, 6, 1),
+                     "label": mesh_lib.batch_sharding(mesh, 2, 1)}
+  return jax.jit(train_step,
+                 in_shardings=(setup.shardings, setup.rng_shardings, batch_shardings),
+                 out_shardings=(setup.shardings, mesh_lib.replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def make_predict(setup: ModelSetup, *, mesh):
+  """Returns ``predict(collections, rngs, video (B, L, H, W, 3)) -> probabilities (B, K)``.
+
+  Eval mode (running BatchNorm statistics, no dropout); class probabilities as
+  ``evaluate.class_probabilities`` (two-head models: mean of the heads' softmaxes).
+  """
+  graphdef = setup.graphdef
+
+  def predict(collections, rngs, video):
+    model = merge_model(graphdef, collections, rngs)
+    model.eval()
+    return evaluate_lib.class_probabilities(model(video))
+
+  return jax.jit(predict,
+                 in_shardings=(setup.model_shardings(), setup.rng_shardings,
+                               mesh_lib.batch_sharding(mesh, 5, 0)),
+                 out_shardings=mesh_lib.batch_sharding(mesh, 2, 0))
