@@ -29,8 +29,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-MODEL_COLLECTIONS = ("params", "frozen", "batch_stats")
-
 # ----------------------------------------------------------------------------------------------
 # Model state files (converter <-> trainer/evaluator contract).
 # ----------------------------------------------------------------------------------------------
@@ -294,8 +292,8 @@ def load_model_state_from_workdir(workdir: str | os.PathLike, abstract_model_sta
 
   Args:
     workdir: a training workdir (holding ``checkpoints/``) or its ``checkpoints`` directory.
-    abstract_model_state: dict ``{'params': State, 'frozen': State, 'batch_stats': State}`` of
-      ShapeDtypeStructs.
+    abstract_model_state: dict of model collections, e.g. ``{'params': State, 'frozen': State,
+      'batch_stats': State}``, with ShapeDtypeStruct leaves (shardings place the result).
     step: the checkpoint step (default: the latest).
 
   Returns:
@@ -308,9 +306,9 @@ def load_model_state_from_workdir(workdir: str | os.PathLike, abstract_model_sta
   if not steps:
     raise ValueError(f"no training checkpoint under {str(root)!r}")
   step = steps[-1] if step is None else int(step)
-  target = {k: jax.tree.map(_abstract_leaf, _pure_rec(abstract_model_state[k])) for k in MODEL_COLLECTIONS}
+  target = {k: jax.tree.map(_abstract_leaf, _pure_rec(v)) for k, v in abstract_model_state.items()}
   restored = restore_pytree(root / str(step) / "state", target, partial=True)
-  return {k: nnx.State(restored[k]) for k in MODEL_COLLECTIONS}, step
+  return {k: nnx.State(restored[k]) for k in target}, step
 
 
 def is_training_workdir(path: str | os.PathLike) -> bool:

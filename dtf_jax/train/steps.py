@@ -73,7 +73,7 @@ def make_train_step(setup: ModelSetup, tx, schedule, *, mesh, iter_size: int, lo
     metrics = {
         "loss": jnp.mean(loss),
         "accuracy": jnp.sum(correct) / batch["label"].size,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state["step"]),
     }
     return new_state, metrics

@@ -28,12 +28,12 @@ class TinyVideoNet(nnx.Module):
   """``(N, L, H, W, 3) -> (N, K)`` logits (or a tuple of two with ``two_heads``)."""
 
   def __init__(self, *, num_classes, clip_length=4, image_size=8, rngs, width=4, dtype=None,
-               bn_group_size=None, dropout_ratio=0.0, two_heads=False, **unused):
+               bn_group_size=None, dropout_ratio=0.0, two_heads=False, batch_norm=True, **unused):
     del clip_length, image_size, unused
     self.dtype = dtype
     self.conv1 = common.conv3d(3, width, (1, 3, 3), strides=(1, 2, 2), padding=(0, 1, 1), rngs=rngs,
                                dtype=dtype)
-    self.bn1 = common.BatchNorm(width, group_size=bn_group_size)
+    self.bn1 = common.BatchNorm(width, group_size=bn_group_size) if batch_norm else None
     self.channel_scale = common.frozen_weight(jnp.linspace(0.5, 1.5, width))
     self.dropout = nnx.Dropout(dropout_ratio, rngs=rngs)
     self.fc = common.linear(width, num_classes, rngs=rngs, dtype=dtype)
@@ -42,7 +42,8 @@ class TinyVideoNet(nnx.Module):
   def __call__(self, x):
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    y = jax.nn.relu(self.bn1(self.conv1(x)))
+    y = self.conv1(x)
+    y = jax.nn.relu(self.bn1(y) if self.bn1 is not None else y)
     y = y * jax.lax.stop_gradient(self.channel_scale[...]).astype(y.dtype)
     feat = self.dropout(jnp.mean(y, axis=(1, 2, 3)))
     if self.fc_dual is not None:

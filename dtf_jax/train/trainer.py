@@ -66,7 +66,8 @@ def model_factory(config, *, batch_size: int):
   """A no-argument function building ``config.model`` with fresh parameters."""
   from dtf_jax.models import create_model  # pylint: disable=import-outside-toplevel
   mc = config.model
-  kwargs = dict(mc.get("overrides", {}) or {})
+  overrides = mc.get("overrides", None) or {}
+  kwargs = dict(overrides.to_dict() if isinstance(overrides, ml_collections.ConfigDict) else overrides)
   for key in ("remat", "dropout_ratio", "kernel_impl"):
     if mc.get(key, None) is not None:
       kwargs[key] = mc[key]
@@ -87,12 +88,19 @@ def model_factory(config, *, batch_size: int):
 
 
 def eval_data_config(config, protocol: str):
-  """``config.data`` with the views of eval protocol ``protocol`` (``config.eval.protocols``)."""
+  """``config.data`` with the view settings of eval protocol ``protocol``.
+
+  ``config.eval.protocols[protocol]`` holds data keys to override (``num_clips``, ``num_crops``,
+  ``eval_resize``, ``eval_crop_size``) and optionally ``batch_size``.
+  """
   spec = config.eval.protocols[protocol]
   data = ml_collections.ConfigDict(config.data.to_dict())
-  for key in ("num_clips", "num_crops", "crop_size"):
-    if key in spec:
-      data[key] = spec[key]
+  for key, value in spec.items():
+    if key == "batch_size":
+      continue
+    if key not in data:
+      raise ValueError(f"eval protocol {protocol!r} sets {key!r}, which is not a data config key")
+    data[key] = value
   return data
 
 
@@ -336,6 +344,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
     writer.close()
   return {"status": status, "step": step, "train": last_train, "eval": last_eval,
           "durations": durations}
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, output_dir: str, *,
+                        protocols=None, step: int | None = None, data_api=None) -> dict:
+  """Evaluates a checkpoint with the protocols of ``config.eval.protocols``.
+
+  Args:
+    config: the experiment config (model, data, eval).
+    checkpoint: a training workdir (latest or ``step`` checkpoint) or a model-state directory
+      (``save_model_state`` layout, e.g. the converter's output).
+    output_dir: where ``predictions_<protocol>.csv`` and ``eval_results.json`` go.
+    protocols: names of the protocols to run (default: all).
+    step: training checkpoint step (default: the latest).
+    data_api: as in ``train_and_evaluate``.
+
+  Returns:
+    ``{protocol: metrics}``.
+  """
+  data_api = data_api or default_data_api()
+  mesh = create_mesh_for(config)
+  setup = train_state_lib.setup_model(model_factory(config, batch_size=int(config.batch_size)), None,
+                                      mesh)
+  collections, rngs = train_state_lib.init_model_collections(setup)
+  if checkpointing.is_training_workdir(checkpoint):
+    collections, step = checkpointing.load_model_state_from_workdir(
+        checkpoint, setup.abstract_model_collections(), step)
+    source = f"{checkpoint} (step {step})"
+  else:
+    collections = load_init_state(setup, collections, checkpoint, strict=True)
+    source = checkpoint
+  metrics_lib.log_info("evaluating %s from %s", config.model.name, source)
+  predict = steps_lib.make_predict(setup, mesh=mesh)
+  protocols = list(protocols or config.eval.protocols.keys())
+  results = {}
+  for protocol in protocols:
+    if protocol not in config.eval.protocols:
+      raise ValueError(f"unknown eval protocol {protocol!r}; config.eval.protocols has "
+                       f"{sorted(config.eval.protocols.keys())}")
+    metrics, result = run_eval_protocol(config, protocol, predict=predict, collections=collections,
+                                        rngs=rngs, mesh=mesh, data_api=data_api)
+    results[protocol] = metrics
+    metrics_lib.log_info("%s: top1 %.4f top5 %.4f mean-class %.4f over %d videos x %.0f views",
+                         protocol, metrics["top1"], metrics["top5"], metrics["mean_class_accuracy"],
+                         metrics["num_videos"], metrics["views_per_video"])
+    if jax.process_index() == 0:
+      evaluate_lib.write_predictions_csv(os.path.join(output_dir, f"predictions_{protocol}.csv"), result)
+  if jax.process_index() == 0:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "eval_results.json"), "w", encoding="utf-8") as f:
+      json.dump({"checkpoint": source, "results": results}, f, indent=2)
+  return results
 
 
 def create_mesh_for(config):

@@ -1,0 +1,1 @@
+"""Experiment configs: one file per experiment, each with its launch command in the docstring."""

@@ -1,0 +1,22 @@
+r"""SIFA-ResNet-50 (SIFA-Net; two heads, CE(main)+CE(dual)) on Kinetics-400, the SIFA pipeline's recipe (SPEC.md 6).
+
+Initialise from ImageNet weights (the originals' transfer_weights + remove_fc), then train::
+
+  python -m dtf_jax.convert --model c2d_sifa_resnet50 --source imagenet --num-classes 400 \
+      --input resnet50-19c8e357.pth --output pretrained/c2d_sifa_resnet50_imagenet
+  python train.py --config=configs/sifa_resnet50_k400.py --workdir=runs/sifa_resnet50_k400 \
+      --config.init_from=pretrained/c2d_sifa_resnet50_imagenet \
+      --config.data.root=/data/k400 --config.data.train_list=/data/k400/train.csv --config.data.val_list=/data/k400/val.csv
+
+Evaluate (1 clip x 1 crop as the originals, and the multi-view extension)::
+
+  python eval.py --config=configs/sifa_resnet50_k400.py --checkpoint=runs/sifa_resnet50_k400 \
+      --config.data.root=/data/k400 --config.data.val_list=/data/k400/val.csv
+"""
+
+from configs import common
+
+
+def get_config():
+  c = common.get_base_config(model="c2d_sifa_resnet50", dataset="k400")
+  return c
