@@ -44,6 +44,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from dtf_jax.data import encode
 from dtf_jax.data.lists import VideoEntry, write_csv_list
 
 GENERATOR_VERSION = 1
@@ -163,31 +164,20 @@ def render_video(label: int, params: dict, rng: np.random.Generator
   return np.stack(frames)
 
 
-def write_video(path: str, frames: np.ndarray, group_size: int, fps: int = 25
-                ) -> None:
-  """Encodes uint8 (T, H, W, 3) frames as H.264 with one closed GOP per group.
+def write_group_video(path: str, frames: np.ndarray, group_size: int,
+                      fps: int = 25) -> None:
+  """Encodes frames as H.264 with one closed GOP per group of frames.
 
   Every group of ``group_size`` frames starts with an IDR frame and its other
   frames reference only frames of the same group (no B-frames, constant QP, no
   scene-cut keyframes), so no group's compression depends on another group.
   """
-  import av  # pylint: disable=g-import-not-at-top
   x264_params = (f'keyint={group_size}:min-keyint={group_size}:scenecut=0:'
                  'bframes=0:open-gop=0')
-  with av.open(path, 'w') as container:
-    stream = container.add_stream(
-        'libx264', rate=fps,
-        options={'qp': '18', 'preset': 'veryfast',
-                 'x264-params': x264_params})
-    stream.width = frames.shape[2]
-    stream.height = frames.shape[1]
-    stream.pix_fmt = 'yuv420p'
-    stream.codec_context.thread_count = 1
-    for frame in frames:
-      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, 'rgb24')):
-        container.mux(packet)
-    for packet in stream.encode():
-      container.mux(packet)
+  encode.write_video(path, frames, codec='libx264', pix_fmt='yuv420p',
+                     fps=fps, gop_size=None,
+                     options={'qp': '18', 'preset': 'veryfast',
+                              'x264-params': x264_params})
 
 
 def _generate(directory: str, params: dict) -> None:
@@ -200,7 +190,8 @@ def _generate(directory: str, params: dict) -> None:
       label = i % NUM_CLASSES
       frames = render_video(label, params, rng)
       rel = f'{split}/{i:06d}.mp4'
-      write_video(os.path.join(directory, rel), frames, params['group_size'])
+      write_group_video(os.path.join(directory, rel), frames,
+                        params['group_size'])
       entries.append(VideoEntry(rel, label, params['clip_length']))
     write_csv_list(os.path.join(directory, f'{split}.csv'), entries)
   with open(os.path.join(directory, _DONE), 'w') as f:
