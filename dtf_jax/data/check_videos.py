@@ -32,9 +32,9 @@ from dtf_jax.data.lists import ListFileError, is_csv_list, parse_list
 class _Progress:
   """A one-line stderr progress report: done/total, rate and ETA."""
 
-  def __init__(self, total: int, stream=sys.stderr, every_s: float = 0.5):
+  def __init__(self, total: int, stream=None, every_s: float = 0.5):
     self.total = total
-    self.stream = stream
+    self.stream = stream if stream is not None else sys.stderr
     self.every_s = every_s
     self.start = time.monotonic()
     self.last = 0.0

@@ -220,6 +220,11 @@ def _grain_iterator(fn, start: int, stop: int, num_workers: int,
   import grain  # pylint: disable=g-import-not-at-top
   ds = grain.MapDataset.range(start, stop).map(fn)
   if num_workers > 0:
+    # grain's worker processes read absl flags; outside an absl app (tests,
+    # notebooks, scripts) nobody parsed them, so use the defaults.
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0,
                                               prefetch_buffer_size=0))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
@@ -474,9 +479,11 @@ class _EvalBatches:
       label[row] = self.source.label(vid)
       video[row] = views[crop]
       valid[row] = True
-    return {'video': opts.finish(video), 'label': label,
-            'video_index': video_index, 'view_index': view_index,
-            'valid': valid, '_bad_files': json.dumps(bad)}
+    video = opts.finish(video)
+    video[~valid] = 0
+    return {'video': video, 'label': label, 'video_index': video_index,
+            'view_index': view_index, 'valid': valid,
+            '_bad_files': json.dumps(bad)}
 
 
 class EvalLoader:
