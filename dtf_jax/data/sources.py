@@ -103,6 +103,22 @@ def import_tfds():
   return tfds
 
 
+def _skip_decoding(tfds):
+  """A ``SkipDecoding`` that also works on tfds's NumPy decoding path.
+
+  ``tfds.data_source`` decodes with NumPy, which calls
+  ``decode_batch_example_np`` for sequence features (a video); tfds 4.9's
+  ``SkipDecoding`` lacks it. This returns the encoded frames unchanged.
+  """
+
+  class SkipFrameDecoding(tfds.decode.SkipDecoding):
+
+    def decode_batch_example_np(self, serialized_example):
+      return serialized_example
+
+  return SkipFrameDecoding()
+
+
 class TfdsSource:
   """A TFDS dataset read through ``tfds.data_source`` (ArrayRecord files).
 
@@ -126,7 +142,8 @@ class TfdsSource:
       tfds = import_tfds()
       self._source = tfds.data_source(
           self._name, split=self._split, data_dir=self._data_dir,
-          decoders={self._video_key: tfds.decode.SkipDecoding()})
+          download=False,
+          decoders={self._video_key: _skip_decoding(tfds)})
     return self._source
 
   def __getstate__(self):
