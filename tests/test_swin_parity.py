@@ -56,7 +56,10 @@ def copy_torch_weights(flax_module: nnx.Module, torch_module: torch.nn.Module) -
   Raises if a Flax variable has no torch counterpart, shapes disagree, or a torch tensor (other
   than the recomputed ``relative_position_index`` / ``attn_mask`` buffers) is left over.
   """
-  sd = {k: v.detach().cpu().numpy() for k, v in torch_module.state_dict().items()}
+  # np.array copies: jnp.asarray of a torch-backed NumPy view may alias the torch buffer, and a
+  # later in-place torch update (BatchNorm running stats) would then silently change the Flax copy.
+  sd = {k: np.array(v.detach().cpu().numpy(), copy=True)
+        for k, v in torch_module.state_dict().items()}
   flat = nnx.to_flat_state(nnx.state(flax_module, nnx.Any(nnx.Param, common.FrozenParam, nnx.BatchStat)))
   used = set()
   for path, variable in flat:
@@ -79,14 +82,15 @@ def copy_torch_weights(flax_module: nnx.Module, torch_module: torch.nn.Module) -
     raise KeyError(f"torch tensors without a Flax counterpart: {left}")
 
 
-def randomize_torch(module: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
+def randomize_torch(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
   """Random values for every parameter (frozen ones too) and BatchNorm running statistics."""
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in module.named_parameters():
       p.copy_(torch.randn(p.shape, generator=gen) * scale)
-      if name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "tda_norm.weight")):
-        p.add_(1.0)
+      if name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "tda_norm.weight",
+                        "def_cor.weight", "weights_cor")):
+        p.add_(1.0)  # around the natural scale (frozen correlation weights: ~1, not 1/C)
     for name, b in module.named_buffers():
       if name.endswith("running_mean"):
         b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
@@ -99,16 +103,21 @@ def _run_both(flax_fn, torch_fn, x_np: np.ndarray, cot_np: np.ndarray):
   xt = torch.tensor(x_np, requires_grad=True)
   yt = torch_fn(xt)
   (yt * torch.tensor(cot_np)).sum().backward()
+  if isinstance(flax_fn, nnx.Module):  # functional copy, so training-mode state updates are local
+    graphdef, state = nnx.split(flax_fn)
+    flax_fn = lambda x: nnx.merge(graphdef, state, copy=True)(x)  # noqa: E731
   yj, vjp = jax.vjp(flax_fn, jnp.asarray(x_np))
   (gj,) = vjp(jnp.asarray(cot_np, yj.dtype))
   return (np.asarray(yj), yt.detach().numpy()), (np.asarray(gj), xt.grad.numpy())
 
 
-def _assert_close(pair, atol=ATOL, what=""):
+def _assert_close(pair, atol=ATOL, what="", relative=False):
+  """Max abs diff <= atol (``relative``: atol * max(1, max |reference|), for gradients)."""
   a, b = pair
   assert a.shape == b.shape, (what, a.shape, b.shape)
   err = np.max(np.abs(a - b))
-  assert err <= atol, f"{what}: max abs diff {err:.3g} > {atol}"
+  bound = atol * max(1.0, float(np.max(np.abs(b)))) if relative else atol
+  assert err <= bound, f"{what}: max abs diff {err:.3g} > {bound:.3g}"
 
 
 def _rand(rng, *shape):
@@ -161,7 +170,7 @@ def test_swin_block_parity(res, ws, shift):
   x, cot = _rand(rng, rows, res * res, dim), _rand(rng, rows, res * res, dim)
   outs, grads = _run_both(jblock, tblock, x, cot)
   _assert_close(outs, what="output")
-  _assert_close(grads, what="input gradient")
+  _assert_close(grads, what="input gradient", relative=True)
 
 
 def test_patch_merging_parity():
@@ -174,7 +183,7 @@ def test_patch_merging_parity():
   x, cot = _rand(rng, 2, res * res, dim), _rand(rng, 2, (res // 2) ** 2, 2 * dim)
   outs, grads = _run_both(jmod, tmod, x, cot)
   _assert_close(outs, what="output")
-  _assert_close(grads, what="input gradient")
+  _assert_close(grads, what="input gradient", relative=True)
 
 
 def test_tubelet_embed_parity():
@@ -196,4 +205,61 @@ def test_tubelet_embed_parity():
   cot = _rand(rng, n * length // 4, (size // 4) ** 2, dim)
   outs, grads = _run_both(jmod, torch_fn, video, cot)
   _assert_close(outs, what="tokens")
-  _assert_close(grads, what="input gradient")
+  _assert_close(grads, what="input gradient", relative=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Temporal Swin blocks.
+# ----------------------------------------------------------------------------------------------
+
+def _token_batch(rng, clips, clip_len, res, dim):
+  return _rand(rng, clips * clip_len, res * res, dim)
+
+
+@pytest.mark.parametrize("shift,kernel", [(0, 3), (2, 3), (0, 1)], ids=["rtc", "vtc", "rtc-K1"])
+def test_sifa_swin_block_parity(shift, kernel):
+  from dtf_jax.layers.swin_temporal import SIFASwinTransformerBlock
+  dim, heads, res, ws, clips, clip_len = 8, 2, 8, 4, 2, 3
+  tblock = tswin.SIFASwinTransformerBlock(dim, (res, res), heads, K=kernel, clip_len=clip_len,
+                                          window_size=ws, shift_size=shift).eval()
+  randomize_torch(tblock, seed=7)
+  jblock = SIFASwinTransformerBlock(dim, (res, res), heads, clip_len=clip_len, sifa_kernel=kernel,
+                                    window_size=ws, shift_size=shift, rngs=nnx.Rngs(0))
+  copy_torch_weights(jblock, tblock)
+  jblock.eval()
+  rng = np.random.default_rng(8)
+  x = _token_batch(rng, clips, clip_len, res, dim)
+  cot = _rand(rng, *x.shape)
+  outs, grads = _run_both(jblock, tblock, x, cot)
+  _assert_close(outs, what="output")
+  _assert_close(grads, what="input gradient", relative=True)
+  # The temporal path is live: the output differs from the plain Swin block's.
+  plain = np.asarray(jblock.mlp_branch(jblock.attention_branch(jnp.asarray(x))))
+  assert np.max(np.abs(plain - outs[0])) > 1e-2
+
+
+@pytest.mark.parametrize("shift,train", [(0, False), (0, True), (2, False)],
+                         ids=["dtf-eval", "dtf-train", "shifted-no-dtf"])
+def test_dtf_swin_block_parity(shift, train):
+  from dtf_jax.layers.swin_temporal import DTFSwinTransformerBlock
+  dim, heads, res, ws, clips, clip_len = 16, 2, 8, 4, 2, 4
+  tblock = tswin.DTFSwinTransformerBlock(dim, (res, res), heads, clip_len=clip_len, window_size=ws,
+                                         shift_size=shift)
+  randomize_torch(tblock, seed=9)
+  tblock.train(train)
+  jblock = DTFSwinTransformerBlock(dim, (res, res), heads, clip_len=clip_len, window_size=ws,
+                                   shift_size=shift, rngs=nnx.Rngs(0))
+  copy_torch_weights(jblock, tblock)
+  jblock.train() if train else jblock.eval()
+  rng = np.random.default_rng(10)
+  x = _token_batch(rng, clips, clip_len, res, dim)
+  cot = _rand(rng, *x.shape)
+  outs, grads = _run_both(jblock, tblock, x, cot)
+  _assert_close(outs, what="output")
+  _assert_close(grads, what="input gradient", relative=True)
+  plain = np.asarray(jblock.mlp_branch(jblock.attention_branch(jnp.asarray(x))))
+  assert (np.max(np.abs(plain - outs[0])) > 1e-2) == (shift == 0)
+  if train:  # one training forward updates the BatchNorm running statistics identically
+    jblock(jnp.asarray(x))
+    _assert_close((np.asarray(jblock.dtf_block.norm1.norm.var[...]),
+                   tblock.dtf_block.norm1.norm.running_var.numpy()), what="running_var")

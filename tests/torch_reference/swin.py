@@ -291,15 +291,17 @@ def _clip_to_tokens(x):
 
 
 def _default_dtf_block(dim, clip_len):
-  from torch_reference.swin_dtf_block import DTFBlock  # noqa: PLC0415
-  return DTFBlock(dim, clip_len)
+  # The ResNet family's torch DTF reference (SPEC.md 3.2), K = 3 as in every DTF-Swin block.
+  from torch_reference.dtf_block import DTFBlock  # noqa: PLC0415
+  return DTFBlock(dim, clip_len, kernel_size=3)
 
 
 class DTFSwinTransformerBlock(SwinTransformerBlock):
   """Swin block + DTF block after the attention residual when ``shift_size == 0``.
 
-  ``dtf_block_factory(dim, clip_len)`` builds the torch DTF block (default: the reference in
-  ``torch_reference``); it maps ``(N, C, T, H, W)`` to the same shape with its own residual.
+  ``dtf_block_factory(dim, clip_len)`` builds the torch DTF block (default:
+  ``torch_reference.dtf_block.DTFBlock``); it maps ``(N, C, T, H, W)`` to the same shape with its
+  own residual.
   """
 
   def __init__(self, dim, input_resolution, num_heads, clip_len=4, dtf_block_factory=None,
