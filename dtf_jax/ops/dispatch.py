@@ -6,20 +6,22 @@ Every such function does one thing: ``_select(op_name, impl, xla_fn)(*arrays, **
 
 ``_select`` is the only place that decides between implementations, and ``_pallas_implementation``
 the only place that looks a Pallas kernel up (in the top-level ``kernels`` package, which never
-imports ``dtf_jax``). Current behaviour:
+imports ``dtf_jax``). Behaviour:
   * ``'xla'``: the pure-jnp reference in ``dtf_jax.ops.reference``;
-  * ``'auto'``: the same as ``'xla'`` (until kernels are wired in);
-  * ``'pallas'``: ``NotImplementedError``.
+  * ``'pallas'``: the Pallas kernels: compiled (Triton) when lowered for ``cuda``, Pallas interpret
+    mode on any other platform (slow; for tests and debugging);
+  * ``'auto'``: the compiled Pallas kernels when lowered for ``cuda``, the XLA reference elsewhere.
 
-Intended wiring (kernels helper): for ``'pallas'``, ``jax.lax.platform_dependent(*arrays,
-cuda=<compiled kernel>, default=<interpret-mode kernel>)``; for ``'auto'``,
-``jax.lax.platform_dependent(*arrays, cuda=<compiled kernel>, default=<xla_fn>)`` (bind the knobs with
-``functools.partial``). Kernel functions must take the same positional arrays and keyword knobs as
-the reference function they replace and return the same shapes and dtypes.
+The choice is made by the *lowering* platform with ``jax.lax.platform_dependent`` (not by
+``jax.default_backend()``), so one jitted function lowers to the compiled kernel for ``cuda`` and to
+the other branch for CPU, including ahead-of-time lowering for a platform other than the local one.
+Kernel functions take the same positional arrays and keyword knobs as the reference function they
+replace, plus ``interpret``, and return the same shapes and dtypes.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -30,10 +32,26 @@ Array = jax.Array
 
 
 def _pallas_implementation(op_name: str) -> Callable[..., object]:
-  """Returns the Pallas implementation of ``op_name``; the one place kernels are looked up."""
-  raise NotImplementedError(
-      f"{op_name}: impl='pallas' is not available yet (no Pallas kernel is wired into "
-      f"dtf_jax.ops.dispatch); use impl='xla' or impl='auto'.")
+  """Returns the Pallas kernel function of ``op_name``; the one place kernels are looked up."""
+  # Imported lazily: the kernels pull in Pallas, which the XLA path never needs.
+  from kernels import dtf_local  # pylint: disable=g-import-not-at-top
+  from kernels import sifa_deformable  # pylint: disable=g-import-not-at-top
+  return {
+      'temporal_correlation': dtf_local.temporal_correlation,
+      'temporal_aggregation': dtf_local.temporal_aggregation,
+      'frame_wise_aggregation': dtf_local.frame_wise_aggregation,
+      'deformable_correlation': sifa_deformable.deformable_correlation,
+      'deformable_aggregation': sifa_deformable.deformable_aggregation,
+  }[op_name]
+
+
+def _by_lowering_platform(cuda_fn: Callable[..., object],
+                          default_fn: Callable[..., object]) -> Callable[..., object]:
+  """``cuda_fn`` when lowered for CUDA, ``default_fn`` otherwise (same arrays and knobs)."""
+  def run(*arrays, **knobs):
+    return jax.lax.platform_dependent(*arrays, cuda=functools.partial(cuda_fn, **knobs),
+                                      default=functools.partial(default_fn, **knobs))
+  return run
 
 
 def _select(op_name: str, impl: str, xla_fn: Callable[..., object]) -> Callable[..., object]:
@@ -41,10 +59,13 @@ def _select(op_name: str, impl: str, xla_fn: Callable[..., object]) -> Callable[
 
   The returned callable takes the op's arrays positionally and its static knobs as keywords.
   """
-  if impl in ('auto', 'xla'):
+  if impl == 'xla':
     return xla_fn
-  if impl == 'pallas':
-    return _pallas_implementation(op_name)
+  if impl in ('auto', 'pallas'):
+    kernel = _pallas_implementation(op_name)
+    compiled = functools.partial(kernel, interpret=False)
+    fallback = xla_fn if impl == 'auto' else functools.partial(kernel, interpret=True)
+    return _by_lowering_platform(compiled, fallback)
   raise ValueError(f"{op_name}: unknown impl={impl!r}.")  # Unreachable after validation.
 
 
