@@ -208,10 +208,13 @@ def frame_wise_aggregation(x: Array, weight: Array, *, kernel_size: int,
     ``(u, r)``: ``u (N, T, H, W, C)`` and the raw correlation ``r (N, T, H, W, K*K)``, both in
     ``x.dtype`` (the softmax and the aggregation use the unrounded ``r``).
   """
-  raw = _correlation(x, weight, kernel_size, dilation, 1)
+  # Cast once: x feeds three terms, and separate casts would round each one's gradient to x.dtype
+  # before summing them.
+  xc = x.astype(_compute_dtype(x, weight))
+  raw = _correlation(xc, weight, kernel_size, dilation, 1)
   attn = jax.nn.softmax(raw, axis=-1)
-  aggregated = _aggregation(x, attn, kernel_size, dilation)
-  u = x.astype(aggregated.dtype) + _next_frame_or_zero(aggregated)
+  aggregated = _aggregation(xc, attn, kernel_size, dilation)
+  u = xc + _next_frame_or_zero(aggregated)
   return u.astype(x.dtype), raw.astype(x.dtype)
 
 
