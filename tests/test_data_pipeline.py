@@ -236,6 +236,16 @@ def test_frame_list_short_videos(dataset, tmp_path):
   np.testing.assert_array_equal(batch['num_replaced'], 0)
 
 
+def test_short_video_found_while_decoding_stops_the_run(dataset):
+  # The CSV list has no num_frames, so the check happens at decode time; a
+  # short video is an error (as in the original), not a replaced sample.
+  cfg = make_cfg(dataset, clip_length=24)  # the videos have 20..31 frames
+  it = iter(data.build_train_loader(cfg, global_batch_size=12, seed=0))
+  with pytest.raises(data.ShortVideoError,
+                     match=r"v 0[0-3]\.mp4' has 2[0-3] frames.*'loop'"):
+    next(it)
+
+
 def test_malformed_list_fails_at_start_up(dataset, tmp_path):
   lst = tmp_path / 'bad.txt'
   lst.write_text('a 10 1\nb ten 2\n')
