@@ -647,9 +647,17 @@ ERROR_CASES = (
      "'xla', 'pallas'"),
     (lambda: ops.frame_wise_aggregation(A['x'], A['weight'], impl=None),
      "frame_wise_aggregation: impl=None is not a known implementation"),
+    (lambda: ops.temporal_correlation(A['x'], A['weight'], kernel_size=True),
+     'temporal_correlation: kernel_size=True must be an integer >= 1, not a bool'),
+    # Empty x.
+    (lambda: ops.temporal_aggregation(jnp.zeros((1, 0, 3, 4, 4)), A['attn']),
+     'temporal_aggregation: `x` has shape (1, 0, 3, 4, 4) with an empty dimension'),
     # Dtype.
     (lambda: ops.temporal_aggregation(jnp.zeros((1, 2, 3, 4, 4), jnp.int32), A['attn']),
      'temporal_aggregation: `x` has dtype int32; expected a floating-point array'),
+    (lambda: ops.deformable_correlation(A['x'], jnp.zeros((1, 2, 3, 4, 9, 2), jnp.int32),
+                                        A['weight']),
+     'deformable_correlation: `offsets` has dtype int32; expected a floating-point array'),
 )
 
 
