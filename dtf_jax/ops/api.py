@@ -7,8 +7,9 @@ padding ``p = (d*(K-1)+1)//2``, stride 1, tap ``k = kh*K + kw``, ``t⁻ = max(t-
 Each op validates its arguments (``dtf_jax.ops.validation``; bad input raises ``ValueError``) and
 then runs the implementation chosen by ``impl`` (``dtf_jax.ops.dispatch``):
   * ``'xla'``: pure ``jax.numpy`` (``dtf_jax.ops.reference``), runs everywhere;
-  * ``'pallas'``: the Pallas kernels (not wired in yet: ``NotImplementedError``);
-  * ``'auto'``: the best available one (currently ``'xla'``).
+  * ``'pallas'``: the Pallas kernels (``kernels/``): compiled when lowered for CUDA, interpret mode
+    on other platforms (slow; for tests);
+  * ``'auto'``: the compiled Pallas kernels on CUDA, ``'xla'`` elsewhere.
 
 All ops accept float32/bfloat16/float16 (and float64 under x64) inputs, compute in at least float32
 and return ``x.dtype``. They are jit-able, vmap-able and differentiable w.r.t. every array argument
