@@ -23,14 +23,12 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from dtf_jax.convert import imagenet, keymap, rules
 from dtf_jax.convert.loading import StateDict, read_state_dict, write_state_dict
-from dtf_jax.convert.mapping import (CHECKPOINTED, ConversionError, ConversionReport, flax_to_torch,
+from dtf_jax.convert.mapping import (ConversionError, ConversionReport, assemble_model, flax_to_torch,
                                      leaf_specs, torch_to_flax)
 from dtf_jax.models import create_model, list_models
 
@@ -276,37 +274,11 @@ def from_pytorch(
                            remove_defcor_weight=remove_defcor_weight,
                            convert_fft_weight=convert_fft_weight,
                            allow_missing_head=allow_missing_head)
-  model = _assemble(abstract, state, rngs) if not report.missing else None
+  model = assemble_model(abstract, state, rngs) if not report.missing else None
   if model is None:
     model = build(rngs)
     nnx.update(model, state)
   return (model, report) if return_report else model
-
-
-def _assemble(abstract: nnx.Module, state: nnx.State, rngs: nnx.Rngs) -> nnx.Module | None:
-  """The model from its abstract graph, a complete checkpointed state and fresh RNG stream keys.
-
-  Returns None if the model holds state other than checkpointed tensors and RNG streams.
-  """
-  graphdef, _, rest = nnx.split(abstract, CHECKPOINTED, ...)
-  flat = nnx.to_flat_state(rest)
-  if any(not isinstance(v, (nnx.RngKey, nnx.RngCount)) for _, v in flat):
-    return None
-  num_keys = sum(isinstance(v, nnx.RngKey) for _, v in flat)
-  try:
-    base = rngs.dropout()
-  except (AttributeError, KeyError):
-    base = rngs.params()
-  keys = jax.random.split(base, max(num_keys, 1))
-  leaves, i = [], 0
-  for path, variable in flat:
-    if isinstance(variable, nnx.RngKey):
-      leaves.append((path, variable.replace(keys[i])))
-      i += 1
-    else:
-      abstract_value = variable.get_value()
-      leaves.append((path, variable.replace(jnp.zeros(abstract_value.shape, abstract_value.dtype))))
-  return nnx.merge(graphdef, state, nnx.from_flat_state(leaves))
 
 
 def to_pytorch(model: nnx.Module, name: str) -> dict[str, np.ndarray]:

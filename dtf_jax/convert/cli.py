@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 import time
 import warnings
@@ -25,7 +26,7 @@ from flax import nnx
 from dtf_jax.convert import api, export
 from dtf_jax.convert.loading import UnsafeCheckpointError, read_state_dict
 from dtf_jax.convert.mapping import ConversionError
-from dtf_jax.models import create_model, list_models
+from dtf_jax.models import list_models
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -85,6 +86,8 @@ def _log(msg: str) -> None:
 
 def run_import(args: argparse.Namespace) -> int:
   start = time.perf_counter()
+  if os.path.exists(args.output):
+    raise ValueError(f"--output {args.output!r} already exists; choose a new directory")
   _log(f"reading {args.input} (weights only) ...")
   raw = read_state_dict(args.input)
   _log(f"  {len(raw)} tensors")
@@ -96,17 +99,16 @@ def run_import(args: argparse.Namespace) -> int:
     num_classes = int(raw["fc.weight"].shape[0])
     _log(f"  num_classes = {num_classes} (from fc.weight)")
   overrides = dict(args.override)
-  _log(f"building {args.model} (num_classes={num_classes}, clip_length={args.clip_length}, "
-       f"image_size={args.image_size}{''.join(f', {k}={v!r}' for k, v in overrides.items())}) ...")
-  model = create_model(args.model, num_classes=num_classes, clip_length=args.clip_length,
-                       image_size=args.image_size, rngs=nnx.Rngs(args.seed), **overrides)
-  _log("converting ...")
+  settings = "".join(f", {k}={v!r}" for k, v in overrides.items())
+  _log(f"building and converting {args.model} (num_classes={num_classes}, "
+       f"clip_length={args.clip_length}, image_size={args.image_size}{settings}) ...")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # printed in the summary instead
-    report = api.load_into(model, args.model, raw, source=args.source, remove_fc=args.remove_fc,
-                           remove_defcor_weight=args.remove_defcor_weight,
-                           convert_fft_weight=args.convert_fft_weight,
-                           allow_missing_head=args.allow_missing_head)
+    model, report = api.from_pytorch(
+        args.model, raw, source=args.source, num_classes=num_classes, clip_length=args.clip_length,
+        image_size=args.image_size, rngs=nnx.Rngs(args.seed), remove_fc=args.remove_fc,
+        remove_defcor_weight=args.remove_defcor_weight, convert_fft_weight=args.convert_fft_weight,
+        allow_missing_head=args.allow_missing_head, return_report=True, **overrides)
   meta = export.model_meta(
       args.model, num_classes=num_classes, clip_length=args.clip_length, image_size=args.image_size,
       model_overrides=overrides,

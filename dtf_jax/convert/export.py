@@ -20,7 +20,7 @@ from typing import Any
 
 from flax import nnx
 
-from dtf_jax.convert.mapping import checkpointed_state
+from dtf_jax.convert.mapping import assemble_model, checkpointed_state
 from dtf_jax.models import create_model
 
 META_FILE = "dtf_jax_model.json"
@@ -85,11 +85,18 @@ def load_model(directory: str | os.PathLike, *, rngs: nnx.Rngs | None = None
     ``(model, meta)``. ``rngs`` seeds the model's RNG streams (dropout / drop-path), default 0.
   """
   meta = read_meta(directory)
-  model = create_model(meta["model"], num_classes=meta["num_classes"],
-                       clip_length=meta["clip_length"], image_size=meta["image_size"],
-                       rngs=rngs if rngs is not None else nnx.Rngs(0), **meta["model_overrides"])
-  # Leaves of the target may be arrays: only their shapes/dtypes are read.
+  rngs = rngs if rngs is not None else nnx.Rngs(0)
+
+  def build(r):
+    return create_model(meta["model"], num_classes=meta["num_classes"],
+                        clip_length=meta["clip_length"], image_size=meta["image_size"], rngs=r,
+                        **meta["model_overrides"])
+
+  abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
   state = _checkpointing().load_model_state(os.path.abspath(os.fspath(directory)),
-                                            checkpointed_state(model))
-  nnx.update(model, state)
+                                            checkpointed_state(abstract))
+  model = assemble_model(abstract, state, rngs)
+  if model is None:  # state beyond tensors and RNG streams: initialise, then overwrite
+    model = build(rngs)
+    nnx.update(model, state)
   return model, meta

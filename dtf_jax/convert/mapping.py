@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -231,3 +232,29 @@ def flax_to_torch(model: nnx.Module, table: KeyTable) -> dict[str, np.ndarray]:
   if table.constants:
     out.update(table.constants(model))
   return out
+
+
+def assemble_model(abstract: nnx.Module, state: nnx.State, rngs: nnx.Rngs) -> nnx.Module | None:
+  """The model from its abstract graph, a complete checkpointed state and fresh RNG stream keys.
+
+  Returns None if the model holds state other than checkpointed tensors and RNG streams.
+  """
+  graphdef, _, rest = nnx.split(abstract, CHECKPOINTED, ...)
+  flat = nnx.to_flat_state(rest)
+  if any(not isinstance(v, (nnx.RngKey, nnx.RngCount)) for _, v in flat):
+    return None
+  num_keys = sum(isinstance(v, nnx.RngKey) for _, v in flat)
+  try:
+    base = rngs.dropout()
+  except (AttributeError, KeyError):
+    base = rngs.params()
+  keys = jax.random.split(base, max(num_keys, 1))
+  leaves, i = [], 0
+  for path, variable in flat:
+    if isinstance(variable, nnx.RngKey):
+      leaves.append((path, variable.replace(keys[i])))
+      i += 1
+    else:
+      abstract_value = variable.get_value()
+      leaves.append((path, variable.replace(jnp.zeros(abstract_value.shape, abstract_value.dtype))))
+  return nnx.merge(graphdef, state, nnx.from_flat_state(leaves))
