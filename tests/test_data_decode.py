@@ -138,6 +138,11 @@ def test_seeking_decodes_fewer_frames_than_sequential(videos, monkeypatch):
   np.testing.assert_array_equal(frame_numbers(frames), np.arange(60, 64))
   assert calls['frames'] == 4  # only the sampled frames are converted
   assert 4 <= len(decoded) <= 8  # from the keyframe at 56, not frame 0
+  # Far-apart frames: seek again rather than decode everything in between.
+  decoded.clear()
+  frames = decode.read_video_frames(videos['mp4'], lambda d: [2, 61])
+  np.testing.assert_array_equal(frame_numbers(frames), [2, 61])
+  assert len(decoded) <= 3 + 6
 
 
 @pytest.mark.parametrize('name', ['truncated', 'random'])
