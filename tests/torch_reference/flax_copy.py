@@ -82,11 +82,24 @@ def copy_torch_to_flax(torch_module: torch.nn.Module, flax_module: nnx.Module) -
 
 def randomize_torch(module: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
   """Random values for every parameter (frozen and zero-initialised ones too) and non-trivial BN
-  running statistics (mean ~ N(0, 0.1^2), var ~ U[0.5, 1.5], num_batches_tracked = 3)."""
+  running statistics, at magnitudes that keep activations O(1) (so float32 parity is meaningful):
+
+  * kernels / matrices ``(O, I, ...)``: ``N(0, 1/prod(shape[1:]))`` (fan-in scaling);
+  * correlation weights ``weights_cor`` / ``def_cor.weight`` ``(C, T, K, K)``: ``U(0.5, 1.5)/C``;
+  * per-channel vectors (BN weight/bias, biases, DTF ``alpha1``/``bias``): ``N(0, scale^2)``, BN
+    weights shifted by +1;
+  * running mean ``N(0, 0.1^2)``, running var ``U(0.5, 1.5)``, ``num_batches_tracked = 3``.
+  """
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
-    for p in module.parameters():
-      p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    for name, p in module.named_parameters():
+      if name.endswith(("weights_cor", "def_cor.weight")):
+        p.copy_((torch.rand(p.shape, generator=gen, dtype=p.dtype) + 0.5) / p.shape[0])
+      elif p.numel() == max(p.shape):  # vector-like, e.g. (C,) or (1, C, 1, 1, 1)
+        p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+      else:
+        fan_in = p[0].numel()
+        p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / fan_in**0.5)
     for m in module.modules():
       if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine:
         m.weight.add_(1.0)  # BN scales around 1
