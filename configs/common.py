@@ -53,6 +53,9 @@ DATASETS = {
                  loss_weight=4.0, no_horizontal_flip=False),
     "ssv1": dict(num_classes=174, base_learning_rate=0.02, warmup_epochs=5, total_epochs=64,
                  loss_weight=1.0, no_horizontal_flip=True),
+    # dtf_jax.data's generated motion-order dataset (4 classes), for quick runs.
+    "synthetic": dict(num_classes=4, base_learning_rate=0.1, warmup_epochs=1, total_epochs=8,
+                      loss_weight=1.0, no_horizontal_flip=False),
 }
 
 
@@ -64,7 +67,11 @@ def data_config(dataset: str, *, clip_length: int = 16) -> ml_collections.Config
   d.num_workers = 8
   # The originals' epoch length floor(ceil(N / 4) / per-GPU batch) of a 4-GPU DistributedSampler.
   d.sampler_num_replicas = 4
-  if dataset == "k400":
+  if dataset == "synthetic":
+    d.source = "synthetic"
+    d.num_workers = 0
+    d.sampler_num_replicas = 1
+  elif dataset == "k400":
     # Kinetics-400 as encoded videos; a CSV list `path,label[,num_frames]` per split.
     d.source = "video_list"
     d.root = "/path/to/kinetics400"
@@ -86,11 +93,11 @@ def data_config(dataset: str, *, clip_length: int = 16) -> ml_collections.Config
 
 def get_base_config(*, model: str, dataset: str, clip_length: int = 16,
                     multiview_size: int = 256) -> ml_collections.ConfigDict:
-  """The originals' recipe for ``model`` on ``dataset`` ('k400' or 'ssv1').
+  """The originals' recipe for ``model`` on ``dataset`` ('k400', 'ssv1' or 'synthetic').
 
   Args:
     model: registered network name.
-    dataset: 'k400' or 'ssv1'.
+    dataset: 'k400', 'ssv1' or 'synthetic'.
     clip_length: frames per clip.
     multiview_size: resize/crop of the multi-view protocol (256 for ResNets; 224 for Swins, whose
       windows fix the input size).

@@ -50,7 +50,7 @@ def save_model_state(path: str | os.PathLike, state) -> None:
 
   Blocks until the checkpoint is committed. Call it on every process in multi-host runs.
   """
-  pure = state.to_pure_dict() if isinstance(state, nnx.State) else state
+  pure = nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
   path = epath.Path(path).absolute()
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, pure)
@@ -77,7 +77,7 @@ def load_model_state(path: str | os.PathLike, abstract_state, *, strict: bool = 
   if not path.exists():
     raise ValueError(f"model-state checkpoint {str(path)!r} does not exist")
   is_state = isinstance(abstract_state, nnx.State)
-  target = nnx.as_pure(abstract_state).to_pure_dict() if is_state else abstract_state
+  target = nnx.to_pure_dict(nnx.as_pure(abstract_state)) if is_state else abstract_state
   target = jax.tree.map(_abstract_leaf, target)
   stored = _flat_shapes(_stored_tree(path))
   wanted = _flat_shapes(target)
@@ -139,8 +139,8 @@ def _filter_tree(tree, keep_paths: set[str], prefix: str = ""):
 
 def merge_model_state(base, update):
   """Returns ``base`` (pure dict / State) with the leaves present in ``update`` replaced."""
-  base_pure = base.to_pure_dict() if isinstance(base, nnx.State) else base
-  upd = update.to_pure_dict() if isinstance(update, nnx.State) else update
+  base_pure = nnx.to_pure_dict(base) if isinstance(base, nnx.State) else base
+  upd = nnx.to_pure_dict(update) if isinstance(update, nnx.State) else update
 
   def merge(b, u):
     out = dict(b)
@@ -219,7 +219,7 @@ class DataIteratorStateRestore(ocp.args.CheckpointArgs):
 
 def _pure_rec(x):
   if isinstance(x, nnx.State):
-    return x.to_pure_dict()
+    return nnx.to_pure_dict(x)
   if isinstance(x, dict):
     return {k: _pure_rec(v) for k, v in x.items()}
   return x

@@ -116,3 +116,25 @@ class Progress:
 def log_info(msg: str, *args) -> None:
   if jax.process_index() == 0:
     logging.info(msg, *args)
+
+
+class _DropChattyLibraries(logging.Filter):
+  """Drops INFO/DEBUG records of orbax and grain (checkpoint I/O chatter)."""
+
+  _PARTS = ("/orbax/", "/grain/")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+      return True
+    return not any(part in record.pathname for part in self._PARTS)
+
+
+def quiet_library_logs() -> None:
+  """Keeps the console to our progress lines: orbax/grain INFO messages are dropped."""
+  try:
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+    absl_logging.get_absl_handler().addFilter(_DropChattyLibraries())
+  except ImportError:
+    pass
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_DropChattyLibraries())

@@ -23,8 +23,11 @@ from dtf_jax.train.train_state import ModelSetup, merge_model, split_model
 
 def make_train_step(setup: ModelSetup, tx, schedule, *, mesh, iter_size: int, loss_weight: float,
                     label_smoothing: str = "none", label_smoothing_epsilon: float = 0.1,
-                    head_weights=None):
+                    head_weights=None, preprocess=None):
   """Returns ``train_step(state, rngs, batch) -> (state, metrics)``, jitted and donating ``state``.
+
+  ``preprocess``: optional on-device transform of the video batch (e.g. uint8 -> normalised
+  float32, ``dtf_jax.data.normalize_video``).
 
   ``batch``: ``{'video': (iter_size, B, L, H, W, 3), 'label': (iter_size, B)}`` global arrays
   sharded on axis 1. ``metrics``: replicated scalars ``loss`` (mean unweighted loss over the
@@ -41,6 +44,8 @@ def make_train_step(setup: ModelSetup, tx, schedule, *, mesh, iter_size: int, lo
     def micro_step(carry, inputs):
       grad_sum, batch_stats, other = carry
       video, label, index = inputs
+      if preprocess is not None:
+        video = preprocess(video)
 
       def loss_fn(params):
         model = merge_model(graphdef, dict(params=params, frozen=frozen, batch_stats=batch_stats,
@@ -86,7 +91,7 @@ def make_train_step(setup: ModelSetup, tx, schedule, *, mesh, iter_size: int, lo
                  donate_argnums=(0,))
 
 
-def make_predict(setup: ModelSetup, *, mesh):
+def make_predict(setup: ModelSetup, *, mesh, preprocess=None):
   """Returns ``predict(collections, rngs, video (B, L, H, W, 3)) -> probabilities (B, K)``.
 
   Eval mode (running BatchNorm statistics, no dropout); class probabilities as
@@ -97,6 +102,8 @@ def make_predict(setup: ModelSetup, *, mesh):
   def predict(collections, rngs, video):
     model = merge_model(graphdef, collections, rngs)
     model.eval()
+    if preprocess is not None:
+      video = preprocess(video)
     return evaluate_lib.class_probabilities(model(video))
 
   return jax.jit(predict,

@@ -190,6 +190,10 @@ def main(argv=None):
   parser.add_argument("--process_id", type=int)
   parser.add_argument("--sleep_per_step", type=float, default=0.0)
   args = parser.parse_args(argv)
+  import logging  # pylint: disable=import-outside-toplevel
+  from dtf_jax.train import metrics  # pylint: disable=import-outside-toplevel
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  metrics.quiet_library_logs()
   from dtf_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   mesh_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   from dtf_jax.train import trainer  # pylint: disable=import-outside-toplevel

@@ -55,13 +55,13 @@ def model_state_tree(collections: dict) -> dict:
 
   for k in MODEL_COLLECTIONS:
     if k in collections and collections[k] is not None:
-      put(out, collections[k].to_pure_dict() if isinstance(collections[k], nnx.State) else collections[k])
+      put(out, nnx.to_pure_dict(collections[k]) if isinstance(collections[k], nnx.State) else collections[k])
   return out
 
 
 def split_like(full: dict, template) -> nnx.State:
   """The sub-tree of ``full`` with the keys of ``template`` (a collection's State or dict)."""
-  tmpl = template.to_pure_dict() if isinstance(template, nnx.State) else template
+  tmpl = nnx.to_pure_dict(template) if isinstance(template, nnx.State) else template
 
   def pick(src, ref):
     return {k: pick(src[k], v) if isinstance(v, dict) else src[k] for k, v in ref.items()}

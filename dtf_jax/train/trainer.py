@@ -104,6 +104,14 @@ def eval_data_config(config, protocol: str):
   return data
 
 
+def video_preprocess(config, data_api):
+  """On-device normalisation when the loader yields uint8 clips (``data.video_dtype='uint8'``)."""
+  if config.data.get("video_dtype", "float32") != "uint8":
+    return None
+  mean, std = tuple(config.data.mean), tuple(config.data.std)
+  return lambda video: data_api.normalize_video(video, mean, std)
+
+
 def load_init_state(setup, collections, path: str, *, strict: bool):
   """Model collections with the tensors of a converted checkpoint (``save_model_state`` layout)."""
   abstract_full = train_state_lib.model_state_tree(setup.abstract_model_collections())
@@ -257,8 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
       loss_weight=float(config.get("loss_weight", 1.0)),
       label_smoothing=config.get("label_smoothing", "none"),
       label_smoothing_epsilon=float(config.get("label_smoothing_epsilon", 0.1)),
-      head_weights=config.get("head_weights", None))
-  predict = steps_lib.make_predict(setup, mesh=mesh)
+      head_weights=config.get("head_weights", None), preprocess=video_preprocess(config, data_api))
+  predict = steps_lib.make_predict(setup, mesh=mesh, preprocess=video_preprocess(config, data_api))
 
   log_every = durations_lib.every_steps(config, "log", durations, default_steps=50)
   eval_every = durations_lib.every_steps(config, "eval", durations)
@@ -375,7 +383,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, checkpoint: str, outp
     collections = load_init_state(setup, collections, checkpoint, strict=True)
     source = checkpoint
   metrics_lib.log_info("evaluating %s from %s", config.model.name, source)
-  predict = steps_lib.make_predict(setup, mesh=mesh)
+  predict = steps_lib.make_predict(setup, mesh=mesh, preprocess=video_preprocess(config, data_api))
   protocols = list(protocols or config.eval.protocols.keys())
   results = {}
   for protocol in protocols:
