@@ -9,6 +9,7 @@ Nothing here imports torch: state_dicts are ``{key: numpy array}``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -99,10 +100,17 @@ class ConversionReport:
   warnings: list[str] = dataclasses.field(default_factory=list)
 
   def summary(self, max_keys: int = 12) -> str:
+    """Human-readable summary; long key lists are grouped by pattern (block indices -> ``*``)."""
+
     def keys(items):
       items = sorted(items)
-      shown = ", ".join(items[:max_keys])
-      return shown + (f", ... (+{len(items) - max_keys} more)" if len(items) > max_keys else "")
+      if len(items) <= max_keys:
+        return ", ".join(items)
+      groups: dict[str, int] = {}
+      for key in items:
+        pattern = re.sub(r"^(layer\d+(_dual)?\.\d+|layers\.\d+\.blocks\.\d+|layers\.\d+)\.", "*.", key)
+        groups[pattern] = groups.get(pattern, 0) + 1
+      return ", ".join(f"{p} ({n})" if n > 1 else p for p, n in sorted(groups.items()))
 
     lines = [f"{self.model} <- {self.source} checkpoint:",
              f"  tensors converted: {len(self.converted)}"]
