@@ -32,7 +32,7 @@ def default_synthetic_config() -> ml_collections.ConfigDict:
   c.group_size = 4
   c.cache_dir = ml_collections.FieldReference(None, field_type=str)
   c.seed = 0
-  c.noise = 12.0
+  c.noise = 8.0
   return c
 
 

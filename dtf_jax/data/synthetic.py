@@ -6,8 +6,10 @@ frames (content changes only between groups: the C2D stem folds each group of
 4 frames into one time step and C2D never mixes time steps afterwards).
 
 Content: a smooth random background texture (fixed per video) plus fresh pixel
-noise per group, and two shapes with random colours: a disc ``A`` shown in the
-first ``G/2`` groups and a square ``B`` shown in the last ``G/2`` groups. Each
+noise per group, and two shapes: a light disc ``A`` shown in the first ``G/2``
+groups and a dark square ``B`` shown in the last ``G/2`` groups (random light /
+dark colours; distinct in shape and brightness so colour jitter and grayscale
+keep them apart). Each
 shape moves vertically by a fixed step ``s`` between consecutive groups, either
 down or up::
 
@@ -47,7 +49,7 @@ from PIL import Image
 from dtf_jax.data import encode
 from dtf_jax.data.lists import VideoEntry, write_csv_list
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 NUM_CLASSES = 4
 _DONE = 'COMPLETE.json'
 
@@ -107,14 +109,14 @@ def _texture(rng, height, width):
     img = Image.fromarray(coarse[..., ch].astype(np.float32), 'F')
     channels.append(np.asarray(img.resize((width, height), Image.BILINEAR)))
   base = rng.uniform(70, 170, size=3)
-  return base + 28.0 * np.stack(channels, -1)
+  return base + 20.0 * np.stack(channels, -1)
 
 
-def _colour(rng):
-  """A saturated random colour (values in 0..255)."""
-  c = rng.uniform(0, 255, size=3)
-  c[rng.integers(3)] = rng.choice([rng.uniform(0, 40), rng.uniform(215, 255)])
-  return c
+def _colour(rng, bright: bool):
+  """A light (A) or dark (B) random colour, values in 0..255."""
+  if bright:
+    return rng.uniform(215, 255, size=3)
+  return rng.uniform(0, 40, size=3)
 
 
 def motion_groups(label: int, num_groups: int, height: int, radius: int,
@@ -125,7 +127,7 @@ def motion_groups(label: int, num_groups: int, height: int, radius: int,
     (ys_a, ys_b, step): lists of ``num_groups // 2`` y positions for each shape.
   """
   n = num_groups // 2
-  step = int(min(round(0.2 * height), (height - 2 * radius - 2) // (n - 1)))
+  step = int(min(round(0.25 * height), (height - 2 * radius - 2) // (n - 1)))
   down_a, down_b = divmod(int(label), 2)
   ys = []
   for down in (down_a, down_b):
@@ -141,11 +143,11 @@ def render_video(label: int, params: dict, rng: np.random.Generator
   h, w = params['height'], params['width']
   group_size = params['group_size']
   num_groups = params['clip_length'] // group_size
-  radius = max(3, int(round(0.1 * min(h, w))))
+  radius = max(3, int(round(0.15 * min(h, w))))
   ys_a, ys_b, _ = motion_groups(label, num_groups, h, radius, rng)
   x_a = int(rng.integers(radius, w - radius))
   x_b = int(rng.integers(radius, w - radius))
-  col_a, col_b = _colour(rng), _colour(rng)
+  col_a, col_b = _colour(rng, True), _colour(rng, False)
   background = _texture(rng, h, w)
   yy, xx = np.mgrid[0:h, 0:w]
   frames = []
