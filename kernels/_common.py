@@ -189,3 +189,28 @@ def store_columns(ref, row_start, first_column, vecs, row_ok):
   """Stores ``vecs[j] (R,)`` at ``ref[row_start:+R, first_column + j]`` where ``row_ok``."""
   for j, vec in enumerate(vecs):
     store_column(ref, row_start, first_column + j, vec, row_ok)
+
+
+def tap_offset(k, kernel_size: int, dilation: int):
+  """``(dy, dx)`` of a (traced) tap index ``k = kh*K + kw``: ``(kh*d - p, kw*d - p)``."""
+  p = same_padding(kernel_size, dilation)
+  return (jax.lax.div(k, kernel_size) * dilation - p,
+          jax.lax.rem(k, kernel_size) * dilation - p)
+
+
+def select(values, index):
+  """``values[index]`` for a static list of equally shaped arrays and a traced ``index``."""
+  out = values[0]
+  for j in range(1, len(values)):
+    out = jnp.where(index == j, values[j], out)
+  return out
+
+
+def check_group_chunks(op: str, x_shape, groups: int, block_channels: int) -> None:
+  """Channel chunks must not straddle two groups (the kernels read one group's column per chunk)."""
+  group_channels = x_shape[-1] // groups
+  if groups > 1 and group_channels % block_channels:
+    raise ValueError(
+        f"{op}: tiles.block_channels={block_channels} must divide C/groups={group_channels} "
+        f"(x shape {tuple(x_shape)}, groups={groups}); use a power of two dividing "
+        f"{group_channels} or the default tiles.")

@@ -100,9 +100,10 @@ def _tiles(x_shape, groups: int, tiles: LocalTiles | None) -> LocalTiles:
   return LocalTiles.for_shape(x_shape, groups) if tiles is None else tiles
 
 
-def _tap_sources(h, w, valid, taps, g: cm.Geometry, sign: int = 1):
-  """``(plane index, mask)`` of ``p + sign*δ_k`` for every tap."""
-  return [cm.shifted(h, w, valid, sign * dy, sign * dx, g.height, g.width) for dy, dx in taps]
+def _tap_source(h, w, valid, k, kernel_size: int, dilation: int, g: cm.Geometry, sign: int = 1):
+  """``(plane index, mask)`` of ``p + sign*δ_k`` for a (traced) tap ``k``."""
+  dy, dx = cm.tap_offset(k, kernel_size, dilation)
+  return cm.shifted(h, w, valid, sign * dy, sign * dx, g.height, g.width)
 
 
 # ================================================================================================
@@ -113,6 +114,7 @@ def _correlation_fwd_kernel(x_ref, w_ref, o_ref, *, g: cm.Geometry, kernel_size:
                             dilation: int, groups: int, tiles: LocalTiles, dtype):
   """Program ``(n, band, group*splits + split)``: partial correlation of one channel split.
 
+  Loops: frames t, taps k, channel chunks of the split (a ``(block_rows,)`` accumulator).
   Refs: ``x (R, C)``, ``w (T*KK, C)``, ``o (splits*R, G*KK)``.
   """
   load_tile, _, load_row = cm.loaders(dtype)
@@ -125,25 +127,25 @@ def _correlation_fwd_kernel(x_ref, w_ref, o_ref, *, g: cm.Geometry, kernel_size:
   c_lo = group * group_channels
   c_hi = c_lo + group_channels
   pos, h, w, valid = cm.band(band, br, g.height, g.width)
-  sources = _tap_sources(h, w, valid, cm.tap_displacements(kernel_size, dilation), g)
 
   @pl.loop(0, g.frames)
   def _(t):
     query_rows = (n * g.frames + jnp.maximum(t - 1, 0)) * g.plane + pos
     key_base = (n * g.frames + t) * g.plane
 
-    def body(i, acc):
-      chans, c_ok = cm.channel_chunk(c_lo + (split * per_split + i) * bc, bc, c_hi)
-      query = load_tile(x_ref, query_rows, chans, valid, c_ok)
-      out = []
-      for k, (src, ok) in enumerate(sources):
+    @pl.loop(0, kk)
+    def _(k):
+      src, ok = _tap_source(h, w, valid, k, kernel_size, dilation, g)
+
+      def body(i, acc):
+        chans, c_ok = cm.channel_chunk(c_lo + (split * per_split + i) * bc, bc, c_hi)
+        query = load_tile(x_ref, query_rows, chans, valid, c_ok)
         key = load_tile(x_ref, key_base + src, chans, ok, c_ok)
         weight = load_row(w_ref, t * kk + k, chans, c_ok)
-        out.append(acc[k] + jnp.sum(query * key * weight[None, :], axis=1))
-      return tuple(out)
+        return acc + jnp.sum(query * key * weight[None, :], axis=1)
 
-    acc = jax.lax.fori_loop(0, per_split, body, (jnp.zeros((br,), dtype),) * kk)
-    cm.store_columns(o_ref, split * g.rows + key_base + band * br, group * kk, acc, valid)
+      acc = jax.lax.fori_loop(0, per_split, body, jnp.zeros((br,), dtype))
+      cm.store_column(o_ref, split * g.rows + key_base + band * br, group * kk + k, acc, valid)
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(2, 7)))
@@ -198,49 +200,53 @@ def _correlation_bwd_kernel(*refs, g: cm.Geometry, kernel_size: int, dilation: i
   chans, c_ok = cm.channel_chunk(chunk * bc, bc, g.channels)
   dr_col = (chunk * bc) // (g.channels // groups) * kk  # First column of this chunk's group.
   pos, h, w, valid = cm.band(band, br, g.height, g.width)
-  taps = cm.tap_displacements(kernel_size, dilation)
-  forward = _tap_sources(h, w, valid, taps, g, +1)
-  backward = _tap_sources(h, w, valid, taps, g, -1)
   frame = lambda t: (n * g.frames + t) * g.plane
   tile = lambda t, src, ok: load_tile(x_ref, frame(t) + src, chans, ok, c_ok)
   weight_row = lambda t, k: load_row(w_ref, t * kk + k, chans, c_ok)
   dr_column = lambda t, src, ok, k: load_column(dr_ref, frame(t) + src, dr_col + k, ok)
+  source = lambda k, sign: _tap_source(h, w, valid, k, kernel_size, dilation, g, sign)
 
   @pl.loop(0, g.frames)
   def _(s):
     previous = jnp.maximum(s - 1, 0)
-    acc = jnp.zeros((br, bc), dtype)
-    for k in range(kk):
-      src, ok = backward[k]
-      acc += weight_row(s, k)[None, :] * (dr_column(s, src, ok, k)[:, None]
-                                          * tile(previous, src, ok))
+
+    def keys_of_s(k, acc):
+      src, ok = source(k, -1)
+      return acc + weight_row(s, k)[None, :] * (dr_column(s, src, ok, k)[:, None]
+                                                * tile(previous, src, ok))
+
+    acc = jax.lax.fori_loop(0, kk, keys_of_s, jnp.zeros((br, bc), dtype))
     # Frame s is the query of frame s+1 (if any) and, for s = 0, of frame 0 itself. Masked-off
     # loads (the wrong s) move no data.
     for t, use in ((jnp.minimum(s + 1, g.frames - 1), s + 1 < g.frames), (0, s == 0)):
-      for k in range(kk):
-        src, ok = forward[k]
-        acc += weight_row(t, k)[None, :] * (dr_column(t, pos, valid & use, k)[:, None]
-                                            * tile(t, src, ok & use))
+      def query_of_t(k, acc, t=t, use=use):
+        src, ok = source(k, +1)
+        return acc + weight_row(t, k)[None, :] * (dr_column(t, pos, valid & use, k)[:, None]
+                                                  * tile(t, src, ok & use))
+      acc = jax.lax.fori_loop(0, kk, query_of_t, acc)
     if fused:
       acc += load_tile(du_ref, frame(s) + pos, chans, valid, c_ok)
-      for k in range(kk):  # u_{s-1} = x_{s-1} + m_s: the cotangent of m_s is du_{s-1} (s >= 1).
-        src, ok = backward[k]
+
+      def aggregation_of_s(k, acc):  # u_{s-1} = x_{s-1} + m_s: m_s's cotangent is du_{s-1}.
+        src, ok = source(k, -1)
         ok = ok & (s >= 1)
         attn = load_column(a_ref, frame(s) + src, k, ok)
-        acc += attn[:, None] * load_tile(du_ref, frame(previous) + src, chans, ok, c_ok)
+        return acc + attn[:, None] * load_tile(du_ref, frame(previous) + src, chans, ok, c_ok)
+
+      acc = jax.lax.fori_loop(0, kk, aggregation_of_s, acc)
     cm.store_tile(dx_ref, frame(s) + band * br, chunk * bc, acc, valid, c_ok)
 
   if weight_grad:
-    dw_ref = outs[1]
-
     @pl.loop(0, g.frames)
     def _(t):
       query = tile(jnp.maximum(t - 1, 0), pos, valid)
       first_row = ((n * tiles.bands(g) + band) * g.frames + t) * kk
-      for k in range(kk):
-        src, ok = forward[k]
+
+      @pl.loop(0, kk)
+      def _(k):
+        src, ok = source(k, +1)
         vec = jnp.sum(dr_column(t, pos, valid, k)[:, None] * query * tile(t, src, ok), axis=0)
-        cm.store_row(dw_ref, first_row + k, chunk * bc, vec, c_ok)
+        cm.store_row(outs[1], first_row + k, chunk * bc, vec, c_ok)
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(5, 11)))
@@ -290,11 +296,13 @@ def _aggregation_fwd_kernel(x_ref, a_ref, o_ref, *, g: cm.Geometry, kernel_size:
   chans, c_ok = cm.channel_chunk(chunk * bc, bc, g.channels)
   pos, h, w, valid = cm.band(band, br, g.height, g.width)
   base = nt * g.plane
-  acc = jnp.zeros((br, bc), dtype)
-  taps = cm.tap_displacements(kernel_size, dilation)
-  for k, (src, ok) in enumerate(_tap_sources(h, w, valid, taps, g)):
+
+  def tap(k, acc):
+    src, ok = _tap_source(h, w, valid, k, kernel_size, dilation, g)
     attn = load_column(a_ref, base + pos, k, valid)
-    acc += attn[:, None] * load_tile(x_ref, base + src, chans, ok, c_ok)
+    return acc + attn[:, None] * load_tile(x_ref, base + src, chans, ok, c_ok)
+
+  acc = jax.lax.fori_loop(0, kernel_size * kernel_size, tap, jnp.zeros((br, bc), dtype))
   cm.store_tile(o_ref, base + band * br, chunk * bc, acc, valid, c_ok)
 
 
@@ -329,16 +337,21 @@ def _aggregation_bwd_kernel(x_ref, a_ref, dm_ref, dx_ref, da_ref, *, g: cm.Geome
   chans, c_ok = cm.channel_chunk(chunk * bc, bc, g.channels)
   pos, h, w, valid = cm.band(band, br, g.height, g.width)
   base = nt * g.plane
-  taps = cm.tap_displacements(kernel_size, dilation)
-  dx = jnp.zeros((br, bc), dtype)
-  for k, (src, ok) in enumerate(_tap_sources(h, w, valid, taps, g, -1)):
+
+  def gather(k, dx):
+    src, ok = _tap_source(h, w, valid, k, kernel_size, dilation, g, -1)
     attn = load_column(a_ref, base + src, k, ok)
-    dx += attn[:, None] * load_tile(dm_ref, base + src, chans, ok, c_ok)
+    return dx + attn[:, None] * load_tile(dm_ref, base + src, chans, ok, c_ok)
+
+  dx = jax.lax.fori_loop(0, kk, gather, jnp.zeros((br, bc), dtype))
   cm.store_tile(dx_ref, base + band * br, chunk * bc, dx, valid, c_ok)
   dm = load_tile(dm_ref, base + pos, chans, valid, c_ok)
-  da = [jnp.sum(dm * load_tile(x_ref, base + src, chans, ok, c_ok), axis=1)
-        for src, ok in _tap_sources(h, w, valid, taps, g, +1)]
-  cm.store_columns(da_ref, chunk * g.rows + base + band * br, 0, da, valid)
+
+  @pl.loop(0, kk)
+  def _(k):
+    src, ok = _tap_source(h, w, valid, k, kernel_size, dilation, g)
+    da = jnp.sum(dm * load_tile(x_ref, base + src, chans, ok, c_ok), axis=1)
+    cm.store_column(da_ref, chunk * g.rows + base + band * br, k, da, valid)
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(3, 7)))
@@ -370,10 +383,11 @@ def _frame_wise_fwd_kernel(x_ref, w_ref, u_ref, r_ref, *, g: cm.Geometry, kernel
                            dilation: int, tiles: LocalTiles, dtype):
   """Program ``(n, band)``: all frames of one band, frame by frame.
 
-  For each t: pass 1 over channel chunks computes ``r[t,p,k] = sum_c W[t,k,c] x[t⁻,p,c]
-  x̂[t,p+δ_k,c]`` into K*K register accumulators; the softmax over taps stays in registers; pass 2
-  over channel chunks writes ``u[t-1,p] = x[t-1,p] + sum_k a[t,p,k] x̂[t,p+δ_k]`` (t >= 1), re-reading
-  the two frames the pass 1 just read (an L1/L2 hit). Finally ``u[T-1] = x[T-1]``.
+  For each t: pass 1 (taps x channel chunks) computes ``r[t,p,k] = sum_c W[t,k,c] x[t⁻,p,c]
+  x̂[t,p+δ_k,c]`` and keeps the K*K values of each position in registers; the softmax over taps
+  stays in registers; pass 2 (channel chunks x taps) writes ``u[t-1,p] = x[t-1,p] +
+  sum_k a[t,p,k] x̂[t,p+δ_k]`` (t >= 1), re-reading the two frames pass 1 just read (L1/L2 hits).
+  Finally ``u[T-1] = x[T-1]``.
   Refs: ``x (R, C)``, ``w (T*KK, C)``; outputs ``u (R, C)``, ``r (R, KK)`` (compute dtype).
   """
   load_tile, _, load_row = cm.loaders(dtype)
@@ -382,26 +396,29 @@ def _frame_wise_fwd_kernel(x_ref, w_ref, u_ref, r_ref, *, g: cm.Geometry, kernel
   chunks = tiles.chunks(g.channels)
   n, band = pl.program_id(0), pl.program_id(1)
   pos, h, w, valid = cm.band(band, br, g.height, g.width)
-  sources = _tap_sources(h, w, valid, cm.tap_displacements(kernel_size, dilation), g)
   frame = lambda t: (n * g.frames + t) * g.plane
   chunk = lambda i: cm.channel_chunk(i * bc, bc, g.channels)
+  source = lambda k: _tap_source(h, w, valid, k, kernel_size, dilation, g)
 
   @pl.loop(0, g.frames)
   def _(t):
     previous = frame(jnp.maximum(t - 1, 0))
 
-    def correlate(i, acc):
-      chans, c_ok = chunk(i)
-      query = load_tile(x_ref, previous + pos, chans, valid, c_ok)
-      out = []
-      for k, (src, ok) in enumerate(sources):
+    def correlate_tap(k, raw):
+      src, ok = source(k)
+
+      def body(i, acc):
+        chans, c_ok = chunk(i)
+        query = load_tile(x_ref, previous + pos, chans, valid, c_ok)
         key = load_tile(x_ref, frame(t) + src, chans, ok, c_ok)
         weight = load_row(w_ref, t * kk + k, chans, c_ok)
-        out.append(acc[k] + jnp.sum(query * key * weight[None, :], axis=1))
-      return tuple(out)
+        return acc + jnp.sum(query * key * weight[None, :], axis=1)
 
-    raw = jax.lax.fori_loop(0, chunks, correlate, (jnp.zeros((br,), dtype),) * kk)
-    cm.store_columns(r_ref, frame(t) + band * br, 0, raw, valid)
+      value = jax.lax.fori_loop(0, chunks, body, jnp.zeros((br,), dtype))
+      cm.store_column(r_ref, frame(t) + band * br, k, value, valid)
+      return tuple(jnp.where(k == j, value, old) for j, old in enumerate(raw))
+
+    raw = jax.lax.fori_loop(0, kk, correlate_tap, (jnp.zeros((br,), dtype),) * kk)
     peak = functools.reduce(jnp.maximum, raw)
     expo = [jnp.exp(v - peak) for v in raw]
     inv = 1.0 / functools.reduce(jnp.add, expo)
@@ -411,9 +428,13 @@ def _frame_wise_fwd_kernel(x_ref, w_ref, u_ref, r_ref, *, g: cm.Geometry, kernel
     def _():
       def aggregate(i, carry):
         chans, c_ok = chunk(i)
-        u = load_tile(x_ref, previous + pos, chans, valid, c_ok)
-        for k, (src, ok) in enumerate(sources):
-          u += attn[k][:, None] * load_tile(x_ref, frame(t) + src, chans, ok, c_ok)
+
+        def tap(k, u):
+          src, ok = source(k)
+          return u + cm.select(attn, k)[:, None] * load_tile(x_ref, frame(t) + src, chans, ok,
+                                                              c_ok)
+
+        u = jax.lax.fori_loop(0, kk, tap, load_tile(x_ref, previous + pos, chans, valid, c_ok))
         cm.store_tile(u_ref, previous + band * br, i * bc, u, valid, c_ok)
         return carry
 
@@ -457,7 +478,7 @@ def _frame_wise_attn_grad_kernel(x_ref, du_ref, da_ref, *, g: cm.Geometry, kerne
   """Program ``(n, band, split)``: ``da[t,p,k] = sum_c du[t-1,p,c] x̂[t,p+δ_k,c]`` (t >= 1; 0 at t=0).
 
   ``m_t`` feeds ``u_{t-1}``, so the aggregation cotangent of frame t is ``du[t-1]``.
-  Refs: ``x, du (R, C)``; output ``da (splits*R, KK)`` float32 partial sums over channel splits.
+  Refs: ``x, du (R, C)``; output ``da (splits*R, KK)``: partial sums over channel splits.
   """
   load_tile, _, _ = cm.loaders(dtype)
   kk = kernel_size * kernel_size
@@ -465,22 +486,26 @@ def _frame_wise_attn_grad_kernel(x_ref, du_ref, da_ref, *, g: cm.Geometry, kerne
   per_split = cm.cdiv(tiles.chunks(g.channels), splits)
   n, band, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   pos, h, w, valid = cm.band(band, br, g.height, g.width)
-  sources = _tap_sources(h, w, valid, cm.tap_displacements(kernel_size, dilation), g)
   frame = lambda t: (n * g.frames + t) * g.plane
   row = lambda t: split * g.rows + frame(t) + band * br
-  cm.store_columns(da_ref, row(0), 0, [jnp.zeros((br,), dtype)] * kk, valid)
+
+  @pl.loop(0, kk)
+  def _(k):
+    cm.store_column(da_ref, row(0), k, jnp.zeros((br,), dtype), valid)
 
   @pl.loop(1, g.frames)
   def _(t):
-    def body(i, acc):
-      chans, c_ok = cm.channel_chunk((split * per_split + i) * bc, bc, g.channels)
-      dm = load_tile(du_ref, frame(t - 1) + pos, chans, valid, c_ok)
-      return tuple(acc[k] + jnp.sum(dm * load_tile(x_ref, frame(t) + src, chans, ok, c_ok),
-                                    axis=1)
-                   for k, (src, ok) in enumerate(sources))
+    @pl.loop(0, kk)
+    def _(k):
+      src, ok = _tap_source(h, w, valid, k, kernel_size, dilation, g)
 
-    da = jax.lax.fori_loop(0, per_split, body, (jnp.zeros((br,), dtype),) * kk)
-    cm.store_columns(da_ref, row(t), 0, da, valid)
+      def body(i, acc):
+        chans, c_ok = cm.channel_chunk((split * per_split + i) * bc, bc, g.channels)
+        dm = load_tile(du_ref, frame(t - 1) + pos, chans, valid, c_ok)
+        return acc + jnp.sum(dm * load_tile(x_ref, frame(t) + src, chans, ok, c_ok), axis=1)
+
+      da = jax.lax.fori_loop(0, per_split, body, jnp.zeros((br,), dtype))
+      cm.store_column(da_ref, row(t), k, da, valid)
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(5, 10)))
@@ -603,6 +628,7 @@ def temporal_correlation(x, weight, *, kernel_size: int = 3, dilation: int = 1, 
     ``(N, T, H, W, G*K*K)`` in ``x.dtype`` (float32 accumulation), last axis ``g*K*K + k``.
   """
   tiles = _tiles(x.shape, groups, tiles)
+  cm.check_group_chunks('temporal_correlation', x.shape, groups, tiles.block_channels)
   return _temporal_correlation(x, weight, kernel_size, dilation, groups, tiles, interpret)
 
 

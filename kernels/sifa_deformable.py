@@ -171,7 +171,7 @@ class _ScatterAdd:
       self.pending.append((jnp.broadcast_to(rows[:, None], values.shape),
                            jnp.broadcast_to(chans[None, :], values.shape), values))
     else:
-      pl_triton.atomic_add(self.ref.at[rows[:, None], chans[None, :]], values, mask=mask)
+      pl_triton.atomic_add(self.ref, (rows[:, None], chans[None, :]), values, mask=mask)
 
   def flush(self):
     if self.pending:
@@ -529,6 +529,7 @@ def deformable_correlation(x, offsets, weight, *, kernel_size: int = 3, dilation
   """
   if tiles is None:
     tiles = DeformableTiles.for_shape(x.shape, groups)
+  cm.check_group_chunks('deformable_correlation', x.shape, groups, tiles.block_channels)
   return _deformable_correlation(x, offsets, weight, kernel_size, dilation, groups, tiles,
                                  interpret)
 
