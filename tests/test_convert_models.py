@@ -34,9 +34,9 @@ from torch_reference import swin as tswin
 
 EVAL_ATOL = 1e-5
 # Train mode normalises with the statistics of a 2-clip batch (down to 8 values per channel in the
-# last stage), which amplifies float32 rounding; measured max differences are ~1e-6 .. 1e-5.
-TRAIN_ATOL = 5e-5
-STATS_RTOL = 1e-5
+# last stage), which can amplify float32 rounding; measured max differences: 1e-7 .. 5e-6.
+TRAIN_ATOL = 2e-5
+STATS_RTOL = 1e-5  # relative to the largest entry of each statistics vector
 
 RESNET_SMALL = dict(base_width=8, dropout_ratio=0.0)
 # Two stages: 4x4 tokens (window 2, shifted odd blocks with a mask, patch merging), then 2x2
@@ -118,18 +118,18 @@ def randomise(module: torch.nn.Module, video: torch.Tensor, seed: int) -> None:
 
 
 def normalise_heads(module: torch.nn.Module, video: torch.Tensor) -> None:
-  """Rescales the classifiers so the eval logits have a spread of 0.5 (|logit| <~ 2).
+  """Rescales the classifiers so the eval logits have a spread of 0.25 (|logit| <~ 1).
 
-  The absolute 1e-5 bound is then ~20x float32 resolution of the logits; with larger logits the
-  float32 PyTorch reference itself strays from its float64 evaluation by more than 1e-5 (both
-  implementations accumulate ~1e-6 relative rounding per stage).
+  The absolute 1e-5 bound then sits well above float32 rounding: both implementations accumulate
+  ~1e-6 relative rounding per stage, and with logits of size ~5 the float32 PyTorch reference
+  itself strays from its own float64 evaluation by ~1.3e-5 (DTF-ResNet; measured).
   """
   module.eval()
   with torch.no_grad():
     outs = module(video)
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
     for head, out in zip(("fc", "fc_dual"), outs):
-      scale = float(out.std()) / 0.5
+      scale = float(out.std()) / 0.25
       getattr(module, head).weight.div_(scale)
       getattr(module, head).bias.div_(scale)
 
@@ -233,6 +233,7 @@ def test_train_forward_and_running_statistics_match(converted):
       moved += int(value != before[key])
     else:
       # Unused DTF blocks (shifted DTF-Swin blocks) keep their statistics on both sides.
-      np.testing.assert_allclose(exported[key], value, rtol=STATS_RTOL, atol=1e-6, err_msg=key)
+      scale = max(1.0, float(np.max(np.abs(value))))
+      np.testing.assert_allclose(exported[key], value, rtol=0, atol=STATS_RTOL * scale, err_msg=key)
       moved += int(not np.array_equal(value, before[key]))
   assert moved > len(stats) // 3  # most statistics did move (and equally on both sides)
