@@ -359,6 +359,10 @@ def test_imagenet_sifa_resnet_inflates_copies_dual_and_keeps_init_elsewhere():
   for key in expected_missing:
     np.testing.assert_array_equal(exported[key], fresh_sd[key], err_msg=key)
   assert "fc.weight" in report.summary() and "remove_fc" in report.summary()
+  # load_into an existing model gives the same network.
+  convert.load_into(fresh, name, sd, source="imagenet")
+  for key, value in convert.to_pytorch(fresh, name).items():
+    np.testing.assert_array_equal(value, exported[key], err_msg=key)
 
 
 def test_imagenet_dtf_resnet_reports_the_dtf_extras_as_missing():
