@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dtf_jax.layers import common
+from dtf_jax.layers.dtf_block import check_dtf_shape
 from dtf_jax.layers.swin import (PatchMerging, SwinStage, SwinTransformerBlock, TubeletEmbed,
                                  swin_layer_norm, swin_linear)
+from dtf_jax.layers.swin_temporal import DTFSwinTransformerBlock, SIFASwinTransformerBlock
 from dtf_jax.models.registry import register
 
 Array = jax.Array
@@ -172,7 +173,6 @@ class C2DSwinTransformer(nnx.Module):
     dtype = _canonical_dtype(dtype)
     clip_len = clip_length // early_stride
     if temporal_block == "dtf":
-      from dtf_jax.layers.dtf_block import check_dtf_shape
       for s, d in enumerate(dims):
         check_dtf_shape(d, clip_len, where=f"DTF-Swin stage {s} (dim {d}, clip_len {clip_len})")
 
@@ -201,12 +201,10 @@ class C2DSwinTransformer(nnx.Module):
         if temporal_block == "none":
           blocks.append(SwinTransformerBlock(dims[s], res, num_heads[s], **kwargs))
         elif temporal_block == "dtf":
-          from dtf_jax.layers.swin_temporal import DTFSwinTransformerBlock
           blocks.append(DTFSwinTransformerBlock(
               dims[s], res, num_heads[s], clip_len=clip_len, kernel_impl=kernel_impl,
               bn_group_size=bn_group_size, **kwargs))
         else:
-          from dtf_jax.layers.swin_temporal import SIFASwinTransformerBlock
           blocks.append(SIFASwinTransformerBlock(
               dims[s], res, num_heads[s], clip_len=clip_len, sifa_kernel=sifa_kernel,
               kernel_impl=kernel_impl, **kwargs))
