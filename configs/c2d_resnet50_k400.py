@@ -14,9 +14,9 @@ Evaluate (1 clip x 1 crop as the originals, and the multi-view extension)::
       --config.data.root=/data/k400 --config.data.val_list=/data/k400/val.csv
 """
 
-from configs import common
+from dtf_jax.train import recipes
 
 
 def get_config():
-  c = common.get_base_config(model="c2d_resnet50", dataset="k400")
+  c = recipes.get_base_config(model="c2d_resnet50", dataset="k400")
   return c

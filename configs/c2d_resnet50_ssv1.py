@@ -15,9 +15,9 @@ Evaluate (1 clip x 1 crop as the originals, and the multi-view extension)::
       --config.data.root=/data/ssv1 --config.data.val_list=/data/ssv1/ssv1_frame_val_list.txt
 """
 
-from configs import common
+from dtf_jax.train import recipes
 
 
 def get_config():
-  c = common.get_base_config(model="c2d_resnet50", dataset="ssv1")
+  c = recipes.get_base_config(model="c2d_resnet50", dataset="ssv1")
   return c

@@ -14,10 +14,10 @@ Evaluate (1 clip x 1 crop as the originals, and the multi-view extension)::
       --config.data.root=/data/k400 --config.data.val_list=/data/k400/val.csv
 """
 
-from configs import common
+from dtf_jax.train import recipes
 
 
 def get_config():
-  c = common.get_base_config(model="c2d_swin_vit_b_p4_w7", dataset="k400", multiview_size=224)
-  c = common.swin_overrides(c)
+  c = recipes.get_base_config(model="c2d_swin_vit_b_p4_w7", dataset="k400", multiview_size=224)
+  c = recipes.swin_overrides(c)
   return c

@@ -15,10 +15,10 @@ Evaluate (1 clip x 1 crop as the originals, and the multi-view extension)::
       --config.data.root=/data/ssv1 --config.data.val_list=/data/ssv1/ssv1_frame_val_list.txt
 """
 
-from configs import common
+from dtf_jax.train import recipes
 
 
 def get_config():
-  c = common.get_base_config(model="c2d_dtf_swin_vit_b_p4_w7", dataset="ssv1", multiview_size=224)
-  c = common.swin_overrides(c)
+  c = recipes.get_base_config(model="c2d_dtf_swin_vit_b_p4_w7", dataset="ssv1", multiview_size=224)
+  c = recipes.swin_overrides(c)
   return c

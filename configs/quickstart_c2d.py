@@ -6,8 +6,8 @@ differ only in the order of motion): expect chance accuracy (~25%)::
   python train.py --config=configs/quickstart_c2d.py --workdir=/tmp/c2d_quickstart
 """
 
-from configs import quickstart
+from dtf_jax.train import recipes
 
 
 def get_config():
-  return quickstart.get_config(model="c2d_resnet50")
+  return recipes.quickstart_config("c2d_resnet50")

@@ -152,3 +152,17 @@ def test_init_from_model_state_directory(tmp_path):
   np.testing.assert_array_equal(loaded["frozen"]["channel_scale"], source.channel_scale[...])
   np.testing.assert_array_equal(loaded["params"]["fc"]["kernel"], collections["params"]["fc"]["kernel"])
   assert not np.array_equal(loaded["params"]["conv1"]["kernel"], collections["params"]["conv1"]["kernel"])
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  mesh = mesh_lib.create_mesh()
+  config = testing.tiny_config(**{"model.dtype": "bfloat16"})
+  setup, state, rngs, step = build_step(config, mesh)
+  rng = np.random.default_rng(3)
+  batch = mesh_lib.global_batch(mesh, {
+      "video": rng.normal(size=(1, 8, 4, 8, 8, 3)).astype(np.float32),
+      "label": rng.integers(0, 3, size=(1, 8)).astype(np.int32)}, batch_axis=1)
+  state, metrics = step(state, rngs, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
+  assert state["batch_stats"]["bn1"]["mean"].dtype == jnp.float32

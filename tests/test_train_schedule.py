@@ -66,8 +66,10 @@ def test_durations_from_steps_and_errors():
   d = durations_lib.resolve_durations(make_config(total_steps=7, iter_size=2, opt_warmup_steps=2), 5)
   assert d.total_steps == 7 and d.steps_per_epoch == 2 and d.warmup_iterations == 4
   assert d.schedule_iterations == d.last_iteration_of_step(6) + 1 == 3 * 5 + 2
-  with pytest.raises(ValueError, match="total_epochs=.*total_steps"):
-    durations_lib.resolve_durations(make_config(total_steps=7, total_epochs=2), 5)
+  # total_steps wins over total_epochs (command-line override of an epoch-based config).
+  assert durations_lib.resolve_durations(make_config(total_steps=7, total_epochs=2), 5).total_steps == 7
+  with pytest.raises(ValueError, match="total_epochs or total_steps"):
+    durations_lib.resolve_durations(make_config(), 5)
   with pytest.raises(ValueError, match="iter_size"):
     durations_lib.resolve_durations(make_config(total_steps=7, iter_size=8), 5)
   with pytest.raises(ValueError, match="warm-up"):

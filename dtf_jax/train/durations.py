@@ -7,14 +7,17 @@ Vocabulary (SPEC.md 6.4):
     accumulation); the iterations left over at the end of an epoch (``n % iter_size``) are
     discarded, as in the original.
 
-Durations in the config are given either in epochs or in steps, never both:
-``total_epochs`` | ``total_steps``, ``warmup_epochs`` | ``warmup_steps``, and for periodic
-actions ``{name}_every_epochs`` | ``{name}_every_steps`` (``eval``, ``checkpoint``, ``log``).
+Durations in the config are given in epochs or in steps: ``total_epochs`` | ``total_steps``,
+``warmup_epochs`` | ``warmup_steps``, and for periodic actions ``{name}_every_epochs`` |
+``{name}_every_steps`` (``eval``, ``checkpoint``, ``log``). When both of a pair are set, the
+``_steps`` value wins (so ``--config.total_steps=100`` overrides a config's ``total_epochs``
+without having to unset it; command-line flags cannot set a float field to None).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 
@@ -60,13 +63,14 @@ class Durations:
 
 
 def _either(config, epochs_key: str, steps_key: str):
+  """``(epochs, steps)`` with at most one of them not None (steps win)."""
   epochs = config.get(epochs_key, None)
   steps = config.get(steps_key, None)
-  if epochs is not None and steps is not None:
-    raise ValueError(
-        f"config sets both {epochs_key}={epochs} and {steps_key}={steps}; set only one of them "
-        f"(the other to None)")
-  return epochs, steps
+  if steps is not None:
+    if epochs is not None:
+      logging.info("%s=%s overrides %s=%s", steps_key, steps, epochs_key, epochs)
+    return None, steps
+  return epochs, None
 
 
 def resolve_durations(config, iterations_per_epoch: int) -> Durations:

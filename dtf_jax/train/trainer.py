@@ -327,9 +327,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
         if step % log_every == 0 or step == durations.total_steps:
           last_train = {k: v / accum_steps for k, v in accum.items()}
           rates = progress.measure(step)
+          # Cumulative bad (replaced) samples: the loader's own count survives resumption.
+          replaced_total = getattr(train_iter, "num_replaced", bad_samples)
           scalars = {**last_train, "clips_per_second": rates["clips_per_second"],
                      "data_wait_seconds": rates["data_wait_seconds"],
-                     "bad_samples": float(bad_samples), "epoch": durations.epoch_of_step(step)}
+                     "data_wait_fraction": rates["data_wait_fraction"],
+                     "bad_samples": float(replaced_total), "epoch": durations.epoch_of_step(step)}
           writer.write(step, scalars)
           metrics_lib.log_info("%s", progress.line(step, durations.epoch_of_step(step), last_train, rates))
           accum, accum_steps = {}, 0

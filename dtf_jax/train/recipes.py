@@ -1,7 +1,7 @@
-"""Shared pieces of the experiment configs (the SIFA pipeline's recipe, SPEC.md 6).
+"""The experiment-config recipes shared by ``configs/*.py`` (the SIFA pipeline, SPEC.md 6).
 
 ``get_base_config`` returns a complete ConfigDict; each experiment file calls it with the
-dataset and model and changes what differs. Field reference (all overridable on the command
+dataset and model and changes what differs (``quickstart_config`` for the CPU quickstart). Field reference (all overridable on the command
 line, e.g. ``--config.batch_size=48``):
 
   seed                 model init / dropout / data order seed.
@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from dtf_jax.data.config import default_data_config
+from dtf_jax.data import default_data_config
 
 DATASETS = {
     # SPEC.md 6.1 (kinetics_base.yml / ssv1_base.yml) and the res50-1x16x1.k400 setting.
@@ -176,4 +176,40 @@ def swin_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # recipe='modern', weight_decay 0.05, base_learning_rate ~1e-4 per 64 clips) is the usual
   # alternative for video transformers.
   c.model.remat = True
+  return c
+
+
+def quickstart_config(model: str) -> ml_collections.ConfigDict:
+  """A tiny ``model`` (one bottleneck per stage, stem width 8) on the synthetic dataset.
+
+  Sized to train and evaluate on a 2-core CPU in minutes (``configs/quickstart*.py``).
+  """
+  c = get_base_config(model=model, dataset="synthetic", multiview_size=64)
+  c.model.overrides.layers = (1, 1, 1, 1)
+  c.model.overrides.base_width = 8
+  c.model.dropout_ratio = 0.0
+  c.model.remat = False
+
+  c.data.clip_length = 16
+  c.data.crop_size = 56
+  c.data.crop_scale = (0.5, 1.0)
+  c.data.color_jitter = False
+  c.data.num_workers = 0
+
+  c.batch_size = 16
+  c.iter_size = 1
+  c.loss_weight = 1.0
+  c.total_epochs = 6
+  c.optimizer.base_learning_rate = 0.1
+  c.optimizer.warmup_epochs = 0.5
+
+  c.log_every_steps = 8
+  c.eval_every_epochs = 2.0
+  c.checkpoint_every_epochs = 2.0
+  c.eval.batch_size = 32
+  c.eval.log_every = 0
+  c.eval.protocols.multiview.num_clips = 1
+  c.eval.protocols.multiview.num_crops = 3
+  c.eval.protocols.multiview.eval_resize = 64
+  c.eval.protocols.multiview.eval_crop_size = 56
   return c
