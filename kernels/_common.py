@@ -80,19 +80,35 @@ def triton_params(num_warps: int, num_stages: int = 2) -> pl_triton.CompilerPara
   return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def default_block_rows(plane: int, cap: int = 256) -> int:
-  """Band length: the whole frame when it fits in ``cap`` positions, else ``cap``."""
-  return min(next_pow2(plane), cap)
-
-
 def default_block_channels(channels: int, block_rows: int, budget: int = 4096,
                            minimum: int = 16) -> int:
   """Channel chunk so that a ``(block_rows, block_channels)`` tile holds ~``budget`` elements."""
   return max(min(next_pow2(channels), max(budget // block_rows, minimum)), 1)
 
 
-def default_num_warps(block_rows: int, block_channels: int) -> int:
-  return 4 if block_rows * block_channels <= 4096 else 8
+def default_tiles(plane: int, batch: int, group_channels: int, groups: int, taps: int, *,
+                  max_rows: int, budget: int, min_programs: int = 264):
+  """Default ``(block_rows, block_channels, channel_splits, num_warps)`` for one op.
+
+  * ``block_rows``: the whole frame up to ``max_rows`` positions, halved (down to 64) while the
+    ``(batch, bands)`` grid has fewer than ``min_programs`` programs (~2 waves on 132 SMs);
+  * ``block_channels``: a ``(block_rows, block_channels)`` tile of ~``budget`` elements (at least 16
+    channels, 64 bytes of float32); with groups, a power of two dividing ``C/groups``;
+  * ``channel_splits``: more programs for small grids, but at most ``C/(16*taps)`` so that the
+    float32 partial sums (``taps`` values per position and split, written and read back) stay
+    below ~1/4 of the traffic of ``x``.
+  """
+  block_rows = min(next_pow2(plane), max_rows)
+  while block_rows > 64 and batch * groups * cdiv(plane, block_rows) < min_programs:
+    block_rows //= 2
+  block_channels = default_block_channels(group_channels, block_rows, budget)
+  if groups > 1:  # Chunks must not straddle two groups.
+    block_channels = min(block_channels, group_channels & -group_channels)
+  chunks = cdiv(group_channels, block_channels)
+  programs = batch * groups * cdiv(plane, block_rows)
+  splits = max(1, min(chunks, cdiv(min_programs, programs), group_channels // (16 * taps)))
+  num_warps = 4 if block_rows * block_channels <= 4096 else 8
+  return block_rows, block_channels, splits, num_warps
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class LocalTiles:
 
   Attributes:
     block_rows: positions of the ``H*W`` plane per program (a power of two; the whole frame when
-      ``H*W <= 256``).
+      ``H*W <= 512`` and the grid is large enough).
     block_channels: channels per vector chunk (a power of two; divides ``C/groups`` when
       ``groups > 1``).
     channel_splits: programs that share one channel reduction (correlation forward, aggregation
@@ -78,16 +78,8 @@ class LocalTiles:
   def for_shape(cls, shape, groups: int = 1, min_programs: int = 264) -> 'LocalTiles':
     """Default tiles for a feature map of ``shape`` ``(N, T, H, W, C)``."""
     g = cm.Geometry.of(shape)
-    group_channels = g.channels // groups
-    block_rows = cm.default_block_rows(g.plane)
-    block_channels = cm.default_block_channels(group_channels, block_rows)
-    if groups > 1:  # Chunks must not straddle two groups in the backward kernels.
-      block_channels = min(block_channels, group_channels & -group_channels)
-    chunks = cm.cdiv(group_channels, block_channels)
-    programs = g.batch * cm.cdiv(g.plane, block_rows) * groups
-    splits = max(1, min(chunks, cm.cdiv(min_programs, programs)))
-    return cls(block_rows, block_channels, splits, cm.default_num_warps(block_rows,
-                                                                        block_channels))
+    return cls(*cm.default_tiles(g.plane, g.batch, g.channels // groups, groups, 9,
+                                 max_rows=512, budget=8192, min_programs=min_programs))
 
   def bands(self, g: cm.Geometry) -> int:
     return cm.cdiv(g.plane, self.block_rows)

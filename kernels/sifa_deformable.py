@@ -80,14 +80,10 @@ class DeformableTiles:
     straddle groups.
     """
     g = cm.Geometry.of(shape)
-    group_channels = g.channels // groups if reduce_groups else g.channels
-    block_rows = cm.default_block_rows(g.plane, cap=128)
-    block_channels = cm.default_block_channels(group_channels, block_rows, budget=2048)
-    if reduce_groups and groups > 1:
-      block_channels = min(block_channels, group_channels & -group_channels)
-    chunks = cm.cdiv(group_channels, block_channels)
-    programs = g.batch * cm.cdiv(g.plane, block_rows) * groups
-    splits = max(1, min(chunks, cm.cdiv(min_programs, programs)))
+    group_channels, reduced = (g.channels // groups, groups) if reduce_groups else (g.channels, 1)
+    block_rows, block_channels, splits, _ = cm.default_tiles(
+        g.plane, g.batch, group_channels, reduced, 9, max_rows=128, budget=2048,
+        min_programs=min_programs)
     return cls(block_rows, block_channels, splits, 4)
 
   def bands(self, g: cm.Geometry) -> int:
@@ -251,58 +247,64 @@ def _defcor_fwd_call(x, offsets, weight, kernel_size, dilation, groups, tiles, i
 def _defcor_bwd_kernel(x_ref, off_ref, w_ref, dr_ref, dx_in_ref, *outs, g: cm.Geometry,
                        kernel_size: int, dilation: int, groups: int, tiles: DeformableTiles,
                        weight_grad: bool, dtype, coord_dtype, interpret: bool):
-  """Program ``(n, band, chunk)``: all cotangents of one channel chunk.
+  """Program ``(n, band, split)``: all cotangents of one channel split (loops t, k, chunks).
 
   With ``S_k`` the sample, ``q = x[t⁻,p]`` and ``e = dr[t,p,g*KK+k] * W[t,k]``:
-  ``dx[t⁻,p] += sum_k e S_k``; ``dx[t, corner_j] += coef_j e q`` (atomic scatter);
-  ``doffsets[t,p,k] += sum_c e q dS_k/d(py, px)`` (chunk partial);
+  ``dx[t⁻,p] += sum_k e S_k`` and ``dx[t, corner_j] += coef_j e q`` (atomic scatter-adds);
+  ``doffsets[t,p,k] += sum_c e q dS_k/d(py, px)`` (split partial);
   ``dW[t,k] += sum_p dr q S_k`` (band partial).
   Refs: ``x (R,C)``, ``offsets (R,2KK)``, ``w (T*KK,C)``, ``dr (R,G*KK)``, ``dx_in`` (aliased to
-  ``dx``); outputs ``dx (R,C)`` (accumulated), ``doff (chunks*R, 2KK)``, [``dw (N*bands*T*KK, C)``].
+  ``dx``); outputs ``dx (R,C)`` (accumulated), ``doff (splits*R, 2KK)``,
+  [``dw (N*bands*T*KK, C)``].
   """
   del dx_in_ref  # Aliased with outs[0].
   dx_ref, doff_ref = outs[0], outs[1]
   load_tile, load_column, load_row = cm.loaders(dtype)
   kk = kernel_size * kernel_size
-  br, bc = tiles.block_rows, tiles.block_channels
-  n, band, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  chans, c_ok = cm.channel_chunk(chunk * bc, bc, g.channels)
-  dr_col = (chunk * bc) // (g.channels // groups) * kk
+  br, bc, splits = tiles.block_rows, tiles.block_channels, tiles.channel_splits
+  per_split = cm.cdiv(tiles.chunks(g.channels), splits)
+  n, band, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   pos, h, w, valid = cm.band(band, br, g.height, g.width)
 
   @pl.loop(0, g.frames)
   def _(t):
     frame = (n * g.frames + t) * g.plane
     query_frame = (n * g.frames + jnp.maximum(t - 1, 0)) * g.plane
-    query = load_tile(x_ref, query_frame + pos, chans, valid, c_ok)
-    doff_row = chunk * g.rows + frame + band * br
+    first_dw_row = ((n * tiles.bands(g) + band) * g.frames + t) * kk
 
-    def tap(k, dquery):
+    @pl.loop(0, kk)
+    def _(k):
       corners = _tap_corners(off_ref, frame + pos, h, w, valid, k, kernel_size, dilation, g,
                              dtype, coord_dtype)
-      values = [load_tile(x_ref, frame + c.row, chans, c.ok, c_ok) for c in corners]
-      sample = functools.reduce(jnp.add, [c.coef[:, None] * v for c, v in zip(corners, values)])
-      dr_k = load_column(dr_ref, frame + pos, dr_col + k, valid)
-      d_sample = dr_k[:, None] * load_row(w_ref, t * kk + k, chans, c_ok)[None, :]
-      d_key = d_sample * query
-      scatter = _ScatterAdd(dx_ref, interpret)
-      for c in corners:
-        scatter.add(frame + c.row, chans, c.ok, c_ok, c.coef[:, None] * d_key)
-      scatter.flush()
-      for axis, attr in enumerate(('dcoef_dy', 'dcoef_dx')):
-        grad = functools.reduce(jnp.add, [getattr(c, attr)[:, None] * v
-                                          for c, v in zip(corners, values)])
-        cm.store_column(doff_ref, doff_row, 2 * k + axis, jnp.sum(d_key * grad, axis=1), valid)
-      if weight_grad:
-        first_row = ((n * tiles.bands(g) + band) * g.frames + t) * kk
-        cm.store_row(outs[2], first_row + k, chunk * bc,
-                     jnp.sum(dr_k[:, None] * query * sample, axis=0), c_ok)
-      return dquery + d_sample * sample
 
-    dquery = jax.lax.fori_loop(0, kk, tap, jnp.zeros((br, bc), dtype))
-    scatter = _ScatterAdd(dx_ref, interpret)
-    scatter.add(query_frame + pos, chans, valid, c_ok, dquery)
-    scatter.flush()
+      def chunk_body(i, doff):
+        chunk = split * per_split + i
+        chans, c_ok = cm.channel_chunk(chunk * bc, bc, g.channels)
+        dr_col = (chunk * bc) // (g.channels // groups) * kk + k  # This chunk's group, tap k.
+        query = load_tile(x_ref, query_frame + pos, chans, valid, c_ok)
+        values = [load_tile(x_ref, frame + c.row, chans, c.ok, c_ok) for c in corners]
+        sample = functools.reduce(jnp.add, [c.coef[:, None] * v for c, v in zip(corners, values)])
+        dr_k = load_column(dr_ref, frame + pos, dr_col, valid)
+        d_sample = dr_k[:, None] * load_row(w_ref, t * kk + k, chans, c_ok)[None, :]
+        d_key = d_sample * query
+        scatter = _ScatterAdd(dx_ref, interpret)
+        scatter.add(query_frame + pos, chans, valid, c_ok, d_sample * sample)
+        for c in corners:
+          scatter.add(frame + c.row, chans, c.ok, c_ok, c.coef[:, None] * d_key)
+        scatter.flush()
+        if weight_grad:
+          cm.store_row(outs[2], first_dw_row + k, chunk * bc,
+                       jnp.sum(dr_k[:, None] * query * sample, axis=0), c_ok)
+        return tuple(
+            acc + jnp.sum(d_key * functools.reduce(
+                jnp.add, [getattr(c, attr)[:, None] * v for c, v in zip(corners, values)]),
+                          axis=1)
+            for acc, attr in zip(doff, ('dcoef_dy', 'dcoef_dx')))
+
+      doff = jax.lax.fori_loop(0, per_split, chunk_body, (jnp.zeros((br,), dtype),) * 2)
+      row = split * g.rows + frame + band * br
+      cm.store_column(doff_ref, row, 2 * k, doff[0], valid)
+      cm.store_column(doff_ref, row, 2 * k + 1, doff[1], valid)
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(4, 10)))
@@ -310,11 +312,11 @@ def _defcor_bwd_call(x, offsets, weight, dr, kernel_size, dilation, groups, tile
                      interpret):
   g = cm.Geometry.of(x.shape)
   kk = kernel_size * kernel_size
-  chunks = tiles.chunks(g.channels)
+  splits = tiles.channel_splits
   bands = tiles.bands(g)
   dtype = cm.compute_dtype(x, offsets, weight, dr)
   out_shape = [jax.ShapeDtypeStruct((g.rows, g.channels), dtype),
-               jax.ShapeDtypeStruct((chunks * g.rows, 2 * kk), dtype)]
+               jax.ShapeDtypeStruct((splits * g.rows, 2 * kk), dtype)]
   if weight_grad:
     out_shape.append(jax.ShapeDtypeStruct((g.batch * bands * g.frames * kk, g.channels), dtype))
   kernel = functools.partial(_defcor_bwd_kernel, g=g, kernel_size=kernel_size, dilation=dilation,
@@ -323,7 +325,7 @@ def _defcor_bwd_call(x, offsets, weight, dr, kernel_size, dilation, groups, tile
   outs = pl.pallas_call(
       kernel,
       out_shape=tuple(out_shape),
-      grid=(g.batch, bands, chunks),
+      grid=(g.batch, bands, splits),
       input_output_aliases={4: 0},
       interpret=interpret,
       compiler_params=cm.triton_params(tiles.num_warps),
@@ -332,7 +334,7 @@ def _defcor_bwd_call(x, offsets, weight, dr, kernel_size, dilation, groups, tile
     weight.reshape(g.frames * kk, g.channels), dr.reshape(g.rows, groups * kk),
     jnp.zeros((g.rows, g.channels), dtype))
   dx = outs[0].reshape(x.shape).astype(x.dtype)
-  doff = outs[1].reshape(chunks, *offsets.shape).sum(axis=0).astype(offsets.dtype)
+  doff = outs[1].reshape(splits, *offsets.shape).sum(axis=0).astype(offsets.dtype)
   dweight = None
   if weight_grad:
     dweight = outs[2].reshape(g.batch * bands, *weight.shape).sum(axis=0).astype(weight.dtype)
@@ -393,51 +395,59 @@ def _defagg_fwd_call(x, offsets, attn, kernel_size, dilation, groups, tiles, int
 def _defagg_bwd_kernel(x_ref, off_ref, a_ref, dm_ref, dx_in_ref, dx_ref, doff_ref, da_ref, *,
                        g: cm.Geometry, kernel_size: int, dilation: int, groups: int,
                        tiles: DeformableTiles, dtype, coord_dtype, interpret: bool):
-  """Program ``(n*T + t, band, chunk)``: all cotangents of one channel chunk.
+  """Program ``(n*T + t, band, split)``: all cotangents of one channel split (loops k, chunks).
 
   With ``e_k = sum_g a[t,p,g*KK+k] dm[t,p,g*C+c]``: ``dx[t, corner_j] += coef_j e_k`` (atomic
   scatter); ``doffsets[t,p,k] += sum_c e_k dS_k/d(py, px)`` and
-  ``da[t,p,g*KK+k] += sum_c dm[t,p,g*C+c] S_k`` (chunk partials).
+  ``da[t,p,g*KK+k] += sum_c dm[t,p,g*C+c] S_k`` (split partials).
   Refs: ``x (R,C)``, ``offsets (R,2KK)``, ``a (R,G*KK)``, ``dm (R,G*C)``, ``dx_in`` (aliased);
-  outputs ``dx (R,C)``, ``doff (chunks*R, 2KK)``, ``da (chunks*R, G*KK)``.
+  outputs ``dx (R,C)``, ``doff (splits*R, 2KK)``, ``da (splits*R, G*KK)``.
   """
   del dx_in_ref
   load_tile, load_column, _ = cm.loaders(dtype)
   kk = kernel_size * kernel_size
-  br, bc = tiles.block_rows, tiles.block_channels
-  nt, band, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  chans, c_ok = cm.channel_chunk(chunk * bc, bc, g.channels)
+  br, bc, splits = tiles.block_rows, tiles.block_channels, tiles.channel_splits
+  per_split = cm.cdiv(tiles.chunks(g.channels), splits)
+  nt, band, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   pos, h, w, valid = cm.band(band, br, g.height, g.width)
   frame = nt * g.plane
-  dm = [load_tile(dm_ref, frame + pos, grp * g.channels + chans, valid, c_ok)
-        for grp in range(groups)]
-  row = chunk * g.rows + frame + band * br
+  row = split * g.rows + frame + band * br
 
   @pl.loop(0, kk)
   def _(k):
     corners = _tap_corners(off_ref, frame + pos, h, w, valid, k, kernel_size, dilation, g, dtype,
                            coord_dtype)
-    values = [load_tile(x_ref, frame + c.row, chans, c.ok, c_ok) for c in corners]
-    sample = functools.reduce(jnp.add, [c.coef[:, None] * v for c, v in zip(corners, values)])
-    d_sample = jnp.zeros((br, bc), dtype)
+    attn = [load_column(a_ref, frame + pos, grp * kk + k, valid) for grp in range(groups)]
+
+    def chunk_body(i, acc):
+      chans, c_ok = cm.channel_chunk((split * per_split + i) * bc, bc, g.channels)
+      dm = [load_tile(dm_ref, frame + pos, grp * g.channels + chans, valid, c_ok)
+            for grp in range(groups)]
+      values = [load_tile(x_ref, frame + c.row, chans, c.ok, c_ok) for c in corners]
+      sample = functools.reduce(jnp.add, [c.coef[:, None] * v for c, v in zip(corners, values)])
+      d_sample = functools.reduce(jnp.add, [a[:, None] * d for a, d in zip(attn, dm)])
+      scatter = _ScatterAdd(dx_ref, interpret)
+      for c in corners:
+        scatter.add(frame + c.row, chans, c.ok, c_ok, c.coef[:, None] * d_sample)
+      scatter.flush()
+      doff = [jnp.sum(d_sample * functools.reduce(
+          jnp.add, [getattr(c, attr)[:, None] * v for c, v in zip(corners, values)]), axis=1)
+              for attr in ('dcoef_dy', 'dcoef_dx')]
+      dattn = [jnp.sum(d * sample, axis=1) for d in dm]
+      return tuple(a + b for a, b in zip(acc, doff + dattn))
+
+    acc = jax.lax.fori_loop(0, per_split, chunk_body, (jnp.zeros((br,), dtype),) * (2 + groups))
+    cm.store_column(doff_ref, row, 2 * k, acc[0], valid)
+    cm.store_column(doff_ref, row, 2 * k + 1, acc[1], valid)
     for grp in range(groups):
-      d_sample += load_column(a_ref, frame + pos, grp * kk + k, valid)[:, None] * dm[grp]
-      cm.store_column(da_ref, row, grp * kk + k, jnp.sum(dm[grp] * sample, axis=1), valid)
-    scatter = _ScatterAdd(dx_ref, interpret)
-    for c in corners:
-      scatter.add(frame + c.row, chans, c.ok, c_ok, c.coef[:, None] * d_sample)
-    scatter.flush()
-    for axis, attr in enumerate(('dcoef_dy', 'dcoef_dx')):
-      grad = functools.reduce(jnp.add, [getattr(c, attr)[:, None] * v
-                                        for c, v in zip(corners, values)])
-      cm.store_column(doff_ref, row, 2 * k + axis, jnp.sum(d_sample * grad, axis=1), valid)
+      cm.store_column(da_ref, row, grp * kk + k, acc[2 + grp], valid)
 
 
 @functools.partial(jax.jit, static_argnums=tuple(range(4, 9)))
 def _defagg_bwd_call(x, offsets, attn, dm, kernel_size, dilation, groups, tiles, interpret):
   g = cm.Geometry.of(x.shape)
   kk = kernel_size * kernel_size
-  chunks = tiles.chunks(g.channels)
+  splits = tiles.channel_splits
   dtype = cm.compute_dtype(x, offsets, attn, dm)
   kernel = functools.partial(_defagg_bwd_kernel, g=g, kernel_size=kernel_size, dilation=dilation,
                              groups=groups, tiles=tiles, dtype=dtype,
@@ -445,9 +455,9 @@ def _defagg_bwd_call(x, offsets, attn, dm, kernel_size, dilation, groups, tiles,
   dx, doff, da = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((g.rows, g.channels), dtype),
-                 jax.ShapeDtypeStruct((chunks * g.rows, 2 * kk), dtype),
-                 jax.ShapeDtypeStruct((chunks * g.rows, groups * kk), dtype)),
-      grid=(g.batch * g.frames, tiles.bands(g), chunks),
+                 jax.ShapeDtypeStruct((splits * g.rows, 2 * kk), dtype),
+                 jax.ShapeDtypeStruct((splits * g.rows, groups * kk), dtype)),
+      grid=(g.batch * g.frames, tiles.bands(g), splits),
       input_output_aliases={4: 0},
       interpret=interpret,
       compiler_params=cm.triton_params(tiles.num_warps),
@@ -456,8 +466,8 @@ def _defagg_bwd_call(x, offsets, attn, dm, kernel_size, dilation, groups, tiles,
     attn.reshape(g.rows, groups * kk), dm.reshape(g.rows, groups * g.channels),
     jnp.zeros((g.rows, g.channels), dtype))
   return (dx.reshape(x.shape).astype(x.dtype),
-          doff.reshape(chunks, *offsets.shape).sum(axis=0).astype(offsets.dtype),
-          da.reshape(chunks, *attn.shape).sum(axis=0).astype(attn.dtype))
+          doff.reshape(splits, *offsets.shape).sum(axis=0).astype(offsets.dtype),
+          da.reshape(splits, *attn.shape).sum(axis=0).astype(attn.dtype))
 
 
 # ================================================================================================
