@@ -332,3 +332,12 @@ def test_bad_input_shapes_raise_clear_errors():
   block = SIFASwinTransformerBlock(8, (4, 4), 1, clip_len=3, window_size=2, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="clip_len=3"):
     block(jnp.zeros((4, 16, 8)))  # 4 rows are not whole clips of 3 tubelets
+
+
+def test_sifa_prev_frame_is_validated_and_has_no_effect_on_sifa_swin():
+  # The forward shift of SPEC.md 2.6 only feeds SIFA-Swin's discarded gating term.
+  a = _abstract("c2d_sifa_swin_vit_s_p4_w7", sifa_prev_frame="first")
+  b = _abstract("c2d_sifa_swin_vit_s_p4_w7")
+  assert nnx.graphdef(a) == nnx.graphdef(b)
+  with pytest.raises(ValueError, match="sifa_prev_frame"):
+    _abstract("c2d_sifa_swin_vit_s_p4_w7", sifa_prev_frame="last")

@@ -106,8 +106,8 @@ class C2DSwinTransformer(nnx.Module):
     remat: rematerialise every block in the backward pass (``nnx.remat``).
     kernel_impl: ``'auto' | 'xla' | 'pallas'`` for the DTF / SIFA ops.
     bn_group_size: per-device batch of the DTF blocks' BatchNorm statistics (None = whole batch).
-    sifa_kernel: correlation window K of SIFA blocks (an int; the builders take element 0 of a
-      list, as the originals do).
+    sifa_kernel: correlation window K of SIFA blocks (an odd int; the builders take element 0 of
+      a list, as the originals do, so a ResNet-style ``[1, 3, 3, 3]`` gives K = 1).
     swin_init: apply the Swin init to the DTF/SIFA stages too (the originals leave them at the
       PyTorch default init, SPEC.md 7.9). The plain C2D-Swin always uses the Swin init.
     rngs: ``nnx.Rngs`` (``params``; ``dropout`` for training with dropout / drop path).
@@ -245,7 +245,7 @@ _COMMON_OVERRIDES = ("embed_dim", "depths", "num_heads", "window_size", "drop_pa
 _FAMILY_OVERRIDES = {
     "none": _COMMON_OVERRIDES,
     "dtf": _COMMON_OVERRIDES + ("kernel_impl", "bn_group_size", "region_kernel"),
-    "sifa": _COMMON_OVERRIDES + ("kernel_impl", "sifa_kernel"),
+    "sifa": _COMMON_OVERRIDES + ("kernel_impl", "sifa_kernel", "sifa_prev_frame"),
 }
 
 
@@ -267,7 +267,15 @@ def _sifa_kernel_size(sifa_kernel) -> int:
 
 def build_swin(variant: str, temporal_block: str, *, num_classes: int, clip_length: int,
                image_size: int, rngs: nnx.Rngs, **overrides) -> C2DSwinTransformer:
-  """Builds a Swin variant (``'s' | 'b' | 'l'``) with the given temporal block and overrides."""
+  """Builds a Swin variant (``'s' | 'b' | 'l'``) with the given temporal block and overrides.
+
+  Overrides (all optional): ``embed_dim, depths, num_heads, window_size, drop_path_rate`` (default
+  per variant), ``dropout_ratio`` (0.5), ``dtype``, ``remat``, ``mlp_ratio``, ``early_stride``,
+  ``swin_init``; DTF-Swin also ``kernel_impl, bn_group_size`` and ``region_kernel`` (accepted and
+  ignored, as in the originals); SIFA-Swin also ``kernel_impl``, ``sifa_kernel`` (int or list:
+  element 0 is used) and ``sifa_prev_frame`` (``'shift' | 'first'``, validated; no effect on
+  SIFA-Swin, see SPEC.md 2.6/3.8). Unknown names raise ``ValueError``.
+  """
   allowed = _FAMILY_OVERRIDES[temporal_block]
   unknown = sorted(set(overrides) - set(allowed))
   if unknown:
@@ -279,6 +287,11 @@ def build_swin(variant: str, temporal_block: str, *, num_classes: int, clip_leng
   config.pop("region_kernel", None)
   if temporal_block == "sifa":
     config["sifa_kernel"] = _sifa_kernel_size(config.get("sifa_kernel"))
+    # SPEC.md 2.6's corrupted forward shift only feeds SIFA-Swin's discarded gating term (the
+    # correlation reads frame max(t-1, 0) inside the op), so both modes give the same network.
+    prev_frame = config.pop("sifa_prev_frame", "shift")
+    if prev_frame not in ("shift", "first"):
+      raise ValueError(f"sifa_prev_frame must be 'shift' or 'first', got {prev_frame!r}")
   return C2DSwinTransformer(num_classes=num_classes, clip_length=clip_length,
                             image_size=image_size, temporal_block=temporal_block, rngs=rngs,
                             **config)

@@ -400,7 +400,7 @@ class C2D_SWIN_ViT(nn.Module):  # noqa: N801 (the original's name)
     self.num_layers = len(depths)
     self.num_features = embed_dim * 2 ** (self.num_layers - 1)
     self.patch_embed = TubeletEmbed(img_size, early_stride, patch_size, in_chans, embed_dim)
-    dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+    dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
     res = img_size // patch_size
     self.layers = nn.ModuleList()
     for i in range(self.num_layers):
