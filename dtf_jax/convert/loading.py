@@ -59,7 +59,9 @@ def tensor_to_numpy(value: Any, *, key: str = "?") -> np.ndarray:
       t = value.detach().cpu()
       if t.dtype in (torch.float16, torch.bfloat16):
         t = t.float()
-      return t.numpy()
+      # Copy: .numpy() shares memory with the tensor, and a caller that keeps training the torch
+      # module would otherwise change the converted JAX arrays in place.
+      return t.numpy().copy()
   if isinstance(value, (int, float, np.generic)) or hasattr(value, "__array__"):
     return np.asarray(value)
   raise ValueError(
