@@ -16,6 +16,13 @@ Usage::
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
+# Run as a script from benchmarks/: keep the top-level ``kernels`` package importable.
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or '.').resolve() != pathlib.Path(__file__)
+               .resolve().parent]
+
 import argparse
 import statistics
 import time
