@@ -9,9 +9,9 @@ never mixes the time steps after its stem) stays at chance -- compare with
   python train.py --config=configs/quickstart_c2d.py --workdir=/tmp/c2d_quickstart
   python eval.py --config=configs/quickstart.py --checkpoint=/tmp/dtf_quickstart
 
-Everything else is the originals' recipe (SGD with the per-iteration warm-up + cosine schedule,
-gradient clipping at 40, weight decay 1e-4 on every parameter), shortened; see
-``dtf_jax.train.recipes.quickstart_config``.
+Tiny network (one bottleneck per stage, stem width 16), 32x32 frames, 4 epochs of 2048 videos
+with AdamW (warm-up + cosine per iteration, clipping at 40); see
+``dtf_jax.train.recipes.quickstart_config``. Shorter/longer: ``--config.total_steps=N``.
 """
 
 from dtf_jax.train import recipes

@@ -36,13 +36,13 @@ def read_metrics(workdir, split="train"):
   return out
 
 
-def build_step(config, mesh):
+def build_step(config, mesh, accumulation="auto"):
   d = durations_lib.resolve_durations(config, 100)
   tx, schedule = optim.build_optimizer(config.optimizer, d)
   setup = train_state_lib.setup_model(trainer.model_factory(config, batch_size=config.batch_size), tx, mesh)
   state, rngs = train_state_lib.init_train_state(setup, tx, config.seed)
   step = steps_lib.make_train_step(setup, tx, schedule, mesh=mesh, iter_size=config.iter_size,
-                                   loss_weight=config.loss_weight)
+                                   loss_weight=config.loss_weight, accumulation=accumulation)
   return setup, state, rngs, step
 
 
@@ -52,14 +52,15 @@ def test_gradient_accumulation_equals_the_large_batch():
   video = rng.normal(size=(8, 4, 8, 8, 3)).astype(np.float32)
   label = rng.integers(0, 3, size=8).astype(np.int32)
   results = {}
-  for iter_size, loss_weight in ((1, 1.0), (2, 1.0), (4, 1.0), (2, 2.0)):
+  for iter_size, loss_weight, accumulation in ((1, 1.0, "auto"), (2, 1.0, "scan"), (4, 1.0, "unroll"),
+                                               (2, 2.0, "auto")):
     config = testing.tiny_config(**{"iter_size": iter_size, "loss_weight": loss_weight,
                                     "batch_size": 8 // iter_size, "model.dropout_ratio": 0.0,
                                     "model.overrides": {"batch_norm": False},
                                     "optimizer.clip_gradient": None,
                                     # lr(i) differs between iteration 0 and 1: keep it fixed.
                                     "optimizer.schedule": "constant"})
-    setup, state, rngs, step = build_step(config, mesh)
+    setup, state, rngs, step = build_step(config, mesh, accumulation)
     batch = mesh_lib.global_batch(mesh, {"video": video.reshape((iter_size, 8 // iter_size) + video.shape[1:]),
                                          "label": label.reshape(iter_size, 8 // iter_size)}, batch_axis=1)
     params0 = jax.tree.map(np.asarray, state["params"])
@@ -135,6 +136,18 @@ def test_resume_continues_and_evaluate_checkpoint_matches(tmp_path):
       "seconds": results["1x1"]["seconds"]})
   assert results["multiview"]["views_per_video"] == 2.0
   assert os.path.exists(tmp_path / "eval" / "predictions_multiview.csv")
+  # The same weights as a model-state directory (the converter's output layout) evaluate alike.
+  setup = train_state_lib.setup_model(trainer.model_factory(config, batch_size=8), None,
+                                      mesh_lib.create_mesh())
+  collections, step = checkpointing.load_model_state_from_workdir(
+      tmp_path, setup.abstract_model_collections())
+  assert step == 6
+  checkpointing.save_model_state(tmp_path / "exported",
+                                 train_state_lib.model_state_tree(collections))
+  exported = trainer.evaluate_checkpoint(config, str(tmp_path / "exported"), str(tmp_path / "eval2"),
+                                         protocols=["1x1"], data_api=data)
+  assert exported["1x1"]["top1"] == results["1x1"]["top1"]
+  assert exported["1x1"]["mean_class_accuracy"] == results["1x1"]["mean_class_accuracy"]
 
 
 def test_init_from_model_state_directory(tmp_path):

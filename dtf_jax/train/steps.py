@@ -23,17 +23,28 @@ from dtf_jax.train.train_state import ModelSetup, merge_model, split_model
 
 def make_train_step(setup: ModelSetup, tx, schedule, *, mesh, iter_size: int, loss_weight: float,
                     label_smoothing: str = "none", label_smoothing_epsilon: float = 0.1,
-                    head_weights=None, preprocess=None):
+                    head_weights=None, preprocess=None, accumulation: str = "auto"):
   """Returns ``train_step(state, rngs, batch) -> (state, metrics)``, jitted and donating ``state``.
-
-  ``preprocess``: optional on-device transform of the video batch (e.g. uint8 -> normalised
-  float32, ``dtf_jax.data.normalize_video``).
 
   ``batch``: ``{'video': (iter_size, B, L, H, W, 3), 'label': (iter_size, B)}`` global arrays
   sharded on axis 1. ``metrics``: replicated scalars ``loss`` (mean unweighted loss over the
   micro-batches), ``accuracy`` (top-1 of the first head), ``grad_norm`` (global L2 norm of the
   accumulated gradient before clipping), ``learning_rate``.
+
+  ``preprocess``: optional on-device transform of the video batch (e.g. uint8 -> normalised
+  float32, ``dtf_jax.data.normalize_video``).
+
+  ``accumulation``: how the ``iter_size`` micro-batches are looped inside the step: 'scan'
+  (``lax.scan``: one compiled body), 'unroll' (straight-line code: compile time grows with
+  ``iter_size``; XLA:CPU runs the convolutions of a loop body ~8x slower), or 'auto' (unroll when
+  ``iter_size == 1`` or on CPU, else scan).
   """
+  if accumulation not in ("auto", "scan", "unroll"):
+    raise ValueError(f"accumulation must be 'auto', 'scan' or 'unroll', got {accumulation!r}")
+  if accumulation == "auto":
+    unroll = iter_size == 1 or jax.default_backend() == "cpu"
+  else:
+    unroll = accumulation == "unroll"
   graphdef = setup.graphdef
   scale = float(loss_weight) / float(iter_size)
 
@@ -67,8 +78,17 @@ def make_train_step(setup: ModelSetup, tx, schedule, *, mesh, iter_size: int, lo
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
     carry = (zeros, state["batch_stats"], state.get("other"))
-    (grads, batch_stats, other), (loss, correct) = jax.lax.scan(
-        micro_step, carry, (batch["video"], batch["label"], jnp.arange(iter_size)))
+    if unroll:
+      # Straight-line code: XLA:CPU runs convolutions inside a loop body ~8x slower.
+      outs = []
+      for k in range(iter_size):
+        carry, out = micro_step(carry, (batch["video"][k], batch["label"][k], jnp.asarray(k, jnp.int32)))
+        outs.append(out)
+      grads, batch_stats, other = carry
+      loss, correct = (jnp.stack(x) for x in zip(*outs))
+    else:
+      (grads, batch_stats, other), (loss, correct) = jax.lax.scan(
+          micro_step, carry, (batch["video"], batch["label"], jnp.arange(iter_size)))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = dict(state)
     new_state.update(step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),

@@ -265,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
       loss_weight=float(config.get("loss_weight", 1.0)),
       label_smoothing=config.get("label_smoothing", "none"),
       label_smoothing_epsilon=float(config.get("label_smoothing_epsilon", 0.1)),
-      head_weights=config.get("head_weights", None), preprocess=video_preprocess(config, data_api))
+      head_weights=config.get("head_weights", None), preprocess=video_preprocess(config, data_api),
+      accumulation=config.get("accumulation", "auto"))
   predict = steps_lib.make_predict(setup, mesh=mesh, preprocess=video_preprocess(config, data_api))
 
   log_every = durations_lib.every_steps(config, "log", durations, default_steps=50)
