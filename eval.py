@@ -49,12 +49,9 @@ def main(argv):
   if output_dir is None:
     output_dir = (FLAGS.checkpoint if checkpointing.is_training_workdir(FLAGS.checkpoint)
                   else os.path.normpath(FLAGS.checkpoint) + "_eval")
-  results = trainer.evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint, output_dir,
-                                        protocols=FLAGS.protocols, step=FLAGS.step)
-  for protocol, m in results.items():
-    logging.info("%-10s top1 %.4f  top5 %.4f  mean-class %.4f  (%d videos x %.0f views)", protocol,
-                 m["top1"], m["top5"], m["mean_class_accuracy"], m["num_videos"], m["views_per_video"])
-
+  trainer.evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint, output_dir,
+                              protocols=FLAGS.protocols, step=FLAGS.step)
+  logging.info("per-video predictions and eval_results.json written to %s", output_dir)
 
 if __name__ == "__main__":
   app.run(main)

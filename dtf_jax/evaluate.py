@@ -48,12 +48,14 @@ class VideoScores:
     scores: ``(V, K)`` mean class probabilities over the video's views.
     labels: ``(V,)`` int.
     num_views: ``(V,)`` views averaged per video.
+    names: optional ``{video_index: name}`` (e.g. file paths) for the predictions CSV.
   """
 
   video_index: np.ndarray
   scores: np.ndarray
   labels: np.ndarray
   num_views: np.ndarray
+  names: dict | None = None
 
 
 class VideoScoreAggregator:
@@ -153,7 +155,7 @@ def write_predictions_csv(path: str, result: VideoScores, *, topk: int = 5,
                     + [f"top{i + 1}_class" for i in range(k)] + [f"top{i + 1}_score" for i in range(k)])
     for v, s, y, n in zip(result.video_index, result.scores, result.labels, result.num_views):
       top = np.argsort(-s, kind="stable")[:k]
-      name = (video_names or {}).get(int(v), "")
+      name = (video_names or result.names or {}).get(int(v), "")
       writer.writerow([int(v), name, int(y), int(top[0]), int(top[0] == y), int(n)]
                       + [int(c) for c in top] + [f"{s[c]:.6f}" for c in top])
 

@@ -38,7 +38,8 @@ line, e.g. ``--config.batch_size=48``):
   {log,eval,checkpoint}_every_{steps,epochs}: periods; checkpoint.keep, checkpoint.async_save.
   eval.protocols       named view settings: '1x1' (the originals' in-training protocol) and
                        'multiview' (extension, SPEC 7.12); eval.in_training names the protocol run
-                       every eval period and at the end; eval.batch_size is global (views).
+                       every eval period and at the end ('' = none); eval.batch_size is global
+                       (views per batch over all hosts).
 """
 
 from __future__ import annotations

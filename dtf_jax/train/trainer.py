@@ -131,10 +131,14 @@ def run_eval_protocol(config, protocol, *, predict, collections, rngs, mesh, dat
       data_cfg, batch_size=batch_size // jax.process_count(), process_index=jax.process_index(),
       process_count=jax.process_count(), split=config.eval.get("split", "val"))
   views = int(data_cfg.get("num_clips", 1)) * int(data_cfg.get("num_crops", 1))
-  return evaluate_lib.run_evaluation(
+  metrics, result = evaluate_lib.run_evaluation(
       lambda video: predict(collections, rngs, video), loader, mesh=mesh,
       num_classes=config.data.num_classes, name=name or f"eval {protocol}",
       expected_views=views, log_every=int(config.eval.get("log_every", 50)))
+  source = getattr(loader, "source", None)
+  if source is not None and hasattr(source, "name"):
+    result.names = {int(v): source.name(int(v)) for v in result.video_index}
+  return metrics, result
 
 
 # ----------------------------------------------------------------------------------------------
