@@ -179,3 +179,29 @@ def test_bfloat16_compute_keeps_float32_parameters():
   assert np.isfinite(float(metrics["loss"]))
   assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
   assert state["batch_stats"]["bn1"]["mean"].dtype == jnp.float32
+
+
+def test_parameters_outside_the_loss_are_never_updated():
+  # PyTorch skips parameters whose gradient is None (no decay, no momentum); so do we.
+  mesh = mesh_lib.create_mesh()
+  config = testing.tiny_config(**{"model.overrides": {"unused_parameter": True},
+                                  "optimizer.weight_decay": 0.5})
+  make_model = trainer.model_factory(config, batch_size=8)
+  mask = steps_lib.parameters_reaching_loss(make_model, (8, 4, 8, 8, 3), (8,))
+  assert not any(jax.tree.leaves(mask["spare"])) and all(jax.tree.leaves(mask["fc"]))
+  assert all(jax.tree.leaves(mask["conv1"])) and all(jax.tree.leaves(mask["bn1"]))
+  d = durations_lib.resolve_durations(config, 100)
+  tx, schedule = optim.build_optimizer(config.optimizer, d, trainable_mask=mask)
+  setup = train_state_lib.setup_model(make_model, tx, mesh)
+  state, rngs = train_state_lib.init_train_state(setup, tx, 0)
+  step = steps_lib.make_train_step(setup, tx, schedule, mesh=mesh, iter_size=1, loss_weight=1.0)
+  before = jax.tree.map(np.asarray, state["params"])
+  rng = np.random.default_rng(4)
+  for _ in range(2):
+    batch = mesh_lib.global_batch(mesh, {
+        "video": rng.normal(size=(1, 8, 4, 8, 8, 3)).astype(np.float32),
+        "label": rng.integers(0, 3, size=(1, 8)).astype(np.int32)}, batch_axis=1)
+    state, _ = step(state, rngs, batch)
+  after = jax.tree.map(np.asarray, state["params"])
+  np.testing.assert_array_equal(after["spare"]["kernel"], before["spare"]["kernel"])
+  assert not np.allclose(after["fc"]["kernel"], before["fc"]["kernel"])

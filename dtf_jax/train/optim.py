@@ -59,7 +59,7 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def build_optimizer(optimizer_config, durations: Durations):
+def build_optimizer(optimizer_config, durations: Durations, *, trainable_mask=None):
   """Builds the optax transformation and the step -> learning-rate schedule.
 
   Args:
@@ -67,6 +67,9 @@ def build_optimizer(optimizer_config, durations: Durations):
       base_learning_rate, momentum, weight_decay, clip_gradient (None: no clipping), nesterov
       (None: decided by the recipe), b1, b2, eps, warm-up/schedule keys of ``schedules.py``).
     durations: the run's durations.
+    trainable_mask: optional params-shaped bool tree; parameters marked False are left exactly
+      unchanged (no decay, no momentum) -- the originals' handling of parameters whose gradient
+      is None (``steps.parameters_reaching_loss``).
 
   Returns:
     ``(tx, schedule)``.
@@ -98,4 +101,8 @@ def build_optimizer(optimizer_config, durations: Durations):
   else:
     raise ValueError(f"optimizer.name must be 'sgd' or 'adamw', got {name!r}")
   chain.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*chain), schedule
+  tx = optax.chain(*chain)
+  if trainable_mask is not None and not all(jax.tree.leaves(trainable_mask)):
+    # Masked-out leaves pass their (zero) gradient through unchanged: a zero update.
+    tx = optax.masked(tx, trainable_mask)
+  return tx, schedule

@@ -23,7 +23,9 @@ line, e.g. ``--config.batch_size=48``):
   optimizer            name 'sgd'|'adamw'; recipe 'original' (SPEC 6.4: no Nesterov, decay on all
                        parameters) | 'modern' (Nesterov, no decay on norms/biases/tables);
                        base_learning_rate, momentum, weight_decay, clip_gradient (global L2 norm,
-                       None = off), warmup_multiplier, min_lr, schedule ('cosine'|'constant').
+                       None = off), warmup_multiplier, min_lr, schedule ('cosine'|'constant'),
+                       skip_unused_parameters (True: parameters outside the loss's graph get
+                       no decay/momentum, as PyTorch's None gradients).
   label_smoothing      'none' (the originals' configs) | 'lsr' (the originals' LSR, targets sum
                        to 1 + e/(K-1)) | 'standard'; label_smoothing_epsilon.
   head_weights         per-head loss weights for two-head models (None = 1 each: CE(main)+CE(dual)).
@@ -145,6 +147,8 @@ def get_base_config(*, model: str, dataset: str, clip_length: int = 16,
   c.optimizer.b1 = 0.9
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
+  # Parameters the loss does not depend on are never updated (PyTorch's None gradients).
+  c.optimizer.skip_unused_parameters = True
 
   c.mesh = ml_collections.ConfigDict(dict(fsdp=1, min_fsdp_size=2 ** 16))
   c.checkpoint = ml_collections.ConfigDict(dict(keep=3, async_save=True))

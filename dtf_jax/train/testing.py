@@ -28,7 +28,8 @@ class TinyVideoNet(nnx.Module):
   """``(N, L, H, W, 3) -> (N, K)`` logits (or a tuple of two with ``two_heads``)."""
 
   def __init__(self, *, num_classes, clip_length=4, image_size=8, rngs, width=4, dtype=None,
-               bn_group_size=None, dropout_ratio=0.0, two_heads=False, batch_norm=True, **unused):
+               bn_group_size=None, dropout_ratio=0.0, two_heads=False, batch_norm=True,
+               unused_parameter=False, **unused):
     del clip_length, image_size, unused
     self.dtype = dtype
     self.conv1 = common.conv3d(3, width, (1, 3, 3), strides=(1, 2, 2), padding=(0, 1, 1), rngs=rngs,
@@ -38,6 +39,8 @@ class TinyVideoNet(nnx.Module):
     self.dropout = nnx.Dropout(dropout_ratio, rngs=rngs)
     self.fc = common.linear(width, num_classes, rngs=rngs, dtype=dtype)
     self.fc_dual = common.linear(width, num_classes, rngs=rngs, dtype=dtype) if two_heads else None
+    # Like DTF-Swin's `conv` (SPEC 7.7): a parameter the forward pass never reads.
+    self.spare = common.linear(width, width, rngs=rngs) if unused_parameter else None
 
   def __call__(self, x):
     if self.dtype is not None:

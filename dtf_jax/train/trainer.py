@@ -242,8 +242,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data_
   _save_config(config, workdir, durations)
 
   # Optimiser, model, train state.
-  tx, schedule = optim.build_optimizer(config.optimizer, durations)
   make_model = model_factory(config, batch_size=batch_size)
+  trainable_mask = None
+  if config.optimizer.get("skip_unused_parameters", True):
+    d = config.data
+    trainable_mask = steps_lib.parameters_reaching_loss(
+        make_model, (batch_size, d.get("num_segments", 1) * d.clip_length, d.crop_size, d.crop_size, 3),
+        (batch_size,), label_smoothing=config.get("label_smoothing", "none"),
+        head_weights=config.get("head_weights", None))
+    unused = [jax.tree_util.keystr(p, simple=True, separator="/") for p, used in
+              jax.tree_util.tree_flatten_with_path(trainable_mask)[0] if not used]
+    if unused:
+      metrics_lib.log_info("%d parameter tensors do not reach the loss and are never updated "
+                           "(as the originals' None gradients): %s", len(unused),
+                           ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else ""))
+  tx, schedule = optim.build_optimizer(config.optimizer, durations, trainable_mask=trainable_mask)
   setup = train_state_lib.setup_model(make_model, tx, mesh,
                                       min_fsdp_size=int(config.mesh.get("min_fsdp_size", 2 ** 16)))
   state, rngs = train_state_lib.init_train_state(setup, tx, seed)
