@@ -23,6 +23,12 @@ ATOL = 1e-5
 GRAD_RTOL = 1e-5  # gradients are sums over up to B*T*H*W terms of size O(10)
 
 
+@nnx.jit
+def apply(block, x):
+  """Jitted call (one compile per block structure and mode: far cheaper than eager op-by-op)."""
+  return block(x)
+
+
 def rbg_rngs(seed: int = 0) -> nnx.Rngs:
   # rbg keys: fast to compile on CPU (threefry compiles slowly for many small shapes).
   return nnx.Rngs(params=jax.random.key(seed, impl="rbg"))
@@ -66,13 +72,13 @@ def test_dtf_block_matches_torch_train_then_eval(clip_len, dim):
   yt = tblock(xt)
   (yt * to_torch_layout(cot)).sum().backward()
 
-  def loss(block, xj):
-    return jnp.sum(block(xj) * jnp.asarray(cot))
+  def loss(block, xj, cotangent):
+    return jnp.sum(block(xj) * cotangent)
 
-  yj = jblock(jnp.asarray(x))  # separate call: the grad call below updates the stats once more
+  yj = apply(jblock, jnp.asarray(x))  # separate call: the grad call below updates the stats once more
   assert_close(yj, from_torch_layout(yt), "train output")
-  grad_fn = nnx.grad(loss, argnums=(nnx.DiffState(0, nnx.Param), 1))
-  gparams, gx = grad_fn(jblock, jnp.asarray(x))
+  grad_fn = nnx.jit(nnx.grad(loss, argnums=(nnx.DiffState(0, nnx.Param), 1)))
+  gparams, gx = grad_fn(jblock, jnp.asarray(x), jnp.asarray(cot))
   assert_close(gx, from_torch_layout(xt.grad), "input gradient", rtol=GRAD_RTOL)
   assert_close(gparams["alpha1"][...], tblock.alpha1.grad.reshape(-1), "alpha1 gradient", rtol=GRAD_RTOL)
   assert_close(gparams["bias"][...], tblock.bias.grad.reshape(-1), "bias gradient", rtol=GRAD_RTOL)
@@ -86,7 +92,7 @@ def test_dtf_block_matches_torch_train_then_eval(clip_len, dim):
   tblock2, jblock2 = make_pair(dim, clip_len, seed=clip_len)
   with torch.no_grad():
     tblock2.train()(to_torch_layout(x))
-  jblock2(jnp.asarray(x))
+  apply(jblock2, jnp.asarray(x))
   stats = flax_batch_stats_as_torch(jblock2)
   for key in ("norm1.norm.running_mean", "norm1.norm.running_var"):
     assert_close(stats[key], tblock2.state_dict()[key], key)
@@ -98,15 +104,16 @@ def test_dtf_block_matches_torch_train_then_eval(clip_len, dim):
   x2 = rng.normal(size=x.shape).astype(np.float32)
   with torch.no_grad():
     yt2 = tblock2(to_torch_layout(x2))
-  assert_close(jblock2(jnp.asarray(x2)), from_torch_layout(yt2), "eval output")
+  assert_close(apply(jblock2, jnp.asarray(x2)), from_torch_layout(yt2), "eval output")
 
 
 def test_dtf_block_is_identity_at_init_and_init_statistics():
   dim, clip_len = 32, 4
   block = DTFBlock(dim, clip_len, rngs=rbg_rngs(3))
   x = np.random.default_rng(0).normal(size=(1, clip_len, 3, 3, dim)).astype(np.float32)
-  np.testing.assert_array_equal(np.asarray(block(jnp.asarray(x))), x)  # alpha1 = bias = 0
-  np.testing.assert_array_equal(np.asarray(block.weights_cor[...]), np.full((4, 3, 3, dim), 1 / dim, np.float32))
+  np.testing.assert_array_equal(np.asarray(apply(block, jnp.asarray(x))), x)  # alpha1 = bias = 0
+  np.testing.assert_array_equal(np.asarray(block.weights_cor[...]),
+                                np.full((4, 3, 3, dim), 1 / dim, np.float32))
   assert isinstance(block.weights_cor, common.FrozenParam)
   cw = np.asarray(block.linear1.complex_weight[...])
   assert cw.shape == (dim, dim, 2) and abs(cw.std() - 0.02) < 0.001 and abs(cw.mean()) < 0.001
@@ -127,7 +134,7 @@ def test_dtf_block_batch_norm_groups_match_per_group_torch_calls():
   x = np.random.default_rng(7).normal(size=(4, clip_len, 4, 4, dim)).astype(np.float32)
   with torch.no_grad():
     halves = [from_torch_layout(tblock.train()(to_torch_layout(x[i:i + 2]))) for i in (0, 2)]
-  assert_close(jblock(jnp.asarray(x)), np.concatenate(halves), "grouped BN output")
+  assert_close(apply(jblock, jnp.asarray(x)), np.concatenate(halves), "grouped BN output")
 
 
 def test_dtf_block_bfloat16_and_jit():
@@ -135,13 +142,12 @@ def test_dtf_block_bfloat16_and_jit():
   tblock, jblock = make_pair(dim, clip_len, seed=11)
   x = np.random.default_rng(11).normal(size=(2, clip_len, 4, 4, dim)).astype(np.float32)
   jblock.eval()
-  ref = np.asarray(jblock(jnp.asarray(x)))
-  jit_out = nnx.jit(lambda b, v: b(v))(jblock, jnp.asarray(x))
-  assert_close(jit_out, ref, "jit vs eager", atol=1e-5)
+  ref = np.asarray(apply(jblock, jnp.asarray(x)))
+  assert_close(jblock(jnp.asarray(x)), ref, "eager vs jit", atol=1e-5)
   bblock = DTFBlock(dim, clip_len, dtype=jnp.bfloat16, kernel_impl="xla", rngs=rbg_rngs(11))
   copy_torch_to_flax(tblock, bblock)
   bblock.eval()
-  out = bblock(jnp.asarray(x, jnp.bfloat16))
+  out = apply(bblock, jnp.asarray(x, jnp.bfloat16))
   assert out.dtype == jnp.bfloat16 and out.shape == x.shape
   assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.1 * float(np.max(np.abs(ref)))
 

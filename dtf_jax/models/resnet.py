@@ -16,6 +16,9 @@ Parameter paths mirror the PyTorch modules: ``conv1/kernel``, ``bn1/scale``,
 ``layer2/1/def_cor/weight``, ``layer4_dual/0/fc1/kernel``, ``fc/kernel``, ``fc_dual/bias`` ... (block
 lists are ``nnx.List``, so the block index is a path entry).
 
+``image_size`` is validated (a positive int) but does not shape the network: it is fully
+convolutional with a global average pool, so any H, W >= 1 runs.
+
 Builder overrides (all keyword-only, validated):
   layers: blocks per stage (default (3,4,6,3) for *50, (3,4,23,3) for *101).
   base_width: stem width; stage planes are ``base_width*(1,2,4,8)`` (default 64).
@@ -393,7 +396,8 @@ def build_c2d_sifa_resnet(
         f"{name}: clip_length={clip_length} leaves no frame for the dual branch (clip_length//8 = 0); "
         "use clip_length >= 8")
   if sifa_prev_frame not in SIFA_PREV_FRAME_MODES:
-    raise ValueError(f"{name}: sifa_prev_frame must be one of {SIFA_PREV_FRAME_MODES}, got {sifa_prev_frame!r}")
+    raise ValueError(
+        f"{name}: sifa_prev_frame must be one of {SIFA_PREV_FRAME_MODES}, got {sifa_prev_frame!r}")
   sifa_kernel = tuple(sifa_kernel)
   if len(sifa_kernel) != 4 or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in sifa_kernel[1:]):
     raise ValueError(f"{name}: sifa_kernel must be 4 ints with odd positive entries 1-3, got {sifa_kernel!r}")

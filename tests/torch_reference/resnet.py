@@ -14,7 +14,6 @@ constructible at reduced width (``base_width``) and depth (``layers``).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torch_reference import temporal_ops as tops
