@@ -181,7 +181,8 @@ class GBottleneck(Bottleneck):
   ):
     out = planes * EXPANSION
     if out // 16 < 1:
-      raise ValueError(f"GBottleneck needs 4*planes >= 16 (fc1 has 4*planes//16 outputs), got planes={planes}")
+      raise ValueError(
+          f"GBottleneck needs 4*planes >= 16 (fc1 has 4*planes//16 outputs), got planes={planes}")
     super().__init__(inplanes, planes, stride=stride, zero_init_residual=zero_init_residual,
                      bn_group_size=bn_group_size, dtype=dtype, rngs=rngs)
     self.fc1 = common.linear(out, out // 16, rngs=rngs)
@@ -250,7 +251,8 @@ class DEFLocalTransBottleneck(Bottleneck):
     if sifa_prev_frame not in SIFA_PREV_FRAME_MODES:
       raise ValueError(f"sifa_prev_frame must be one of {SIFA_PREV_FRAME_MODES}, got {sifa_prev_frame!r}")
     if kernel_size < 1 or kernel_size % 2 == 0:
-      raise ValueError(f"DEFLocalTransBottleneck kernel_size must be a positive odd integer, got {kernel_size}")
+      raise ValueError(
+          f"DEFLocalTransBottleneck kernel_size must be a positive odd integer, got {kernel_size}")
     super().__init__(inplanes, planes, stride=stride, zero_init_residual=zero_init_residual,
                      bn_group_size=bn_group_size, dtype=dtype, rngs=rngs)
     width = planes
