@@ -3,7 +3,7 @@
 Layout of ``DIR`` (the ``--output`` of ``python -m dtf_jax.convert``):
 
 * the orbax checkpoint of the model's ``nnx.State`` written by
-  ``dtf_jax.train.checkpointing.save_model_state`` (parameters, frozen parameters, BatchNorm
+  ``dtf_jax.model_state.save_model_state`` (parameters, frozen parameters, BatchNorm
   statistics as a pure nested dict; no RNG streams), so ``DIR`` is what ``train.py`` takes as
   ``config.init_from`` and ``eval.py`` as its checkpoint;
 * ``DIR/dtf_jax_model.json``: ``{"format", "model", "num_classes", "clip_length", "image_size",
@@ -20,17 +20,12 @@ from typing import Any
 
 from flax import nnx
 
+from dtf_jax import model_state
 from dtf_jax.convert.mapping import assemble_model, checkpointed_state
 from dtf_jax.models import create_model
 
 META_FILE = "dtf_jax_model.json"
 FORMAT = "dtf_jax.model_state/1"
-
-
-def _checkpointing():
-  # The trainer owns the model-state file format (shared by init_from and eval.py).
-  from dtf_jax.train import checkpointing  # pylint: disable=import-outside-toplevel
-  return checkpointing
 
 
 def model_meta(name: str, *, num_classes: int, clip_length: int, image_size: int,
@@ -59,7 +54,7 @@ def save_model(directory: str | os.PathLike, model: nnx.Module, meta: Mapping[st
   directory = os.path.abspath(os.fspath(directory))
   if os.path.exists(directory):
     raise ValueError(f"output directory {directory!r} already exists; choose a new path")
-  _checkpointing().save_model_state(directory, checkpointed_state(model))
+  model_state.save_model_state(directory, checkpointed_state(model))
   with open(os.path.join(directory, META_FILE), "w", encoding="utf-8") as f:
     json.dump(dict(meta), f, indent=2, sort_keys=True)
 
@@ -93,7 +88,7 @@ def load_model(directory: str | os.PathLike, *, rngs: nnx.Rngs | None = None
                         **meta["model_overrides"])
 
   abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
-  state = _checkpointing().load_model_state(os.path.abspath(os.fspath(directory)),
+  state = model_state.load_model_state(os.path.abspath(os.fspath(directory)),
                                             checkpointed_state(abstract))
   model = assemble_model(abstract, state, rngs)
   if model is None:  # state beyond tensors and RNG streams: initialise, then overwrite
