@@ -1,0 +1,462 @@
+"""dtf_jax vs the PyTorch implementation of the same network: inference and training-step speed.
+
+For each network the PyTorch model of ``tests/torch_reference`` (pure PyTorch ops standing in for
+the originals' CUDA kernels, the originals' module names) is built with PyTorch's initialisation,
+and the dtf_jax model gets *the same weights* through the converter (``dtf_jax.convert``). Then,
+alternating A/B in one process (the order flips every repeat, so background load hits both
+alike), the script times
+
+* ``forward``: eval-mode inference (running BatchNorm statistics, no dropout), ``torch.inference_mode``
+  vs a jitted ``model(video)``;
+* ``train``: one full training step of the originals' recipe: train-mode forward (batch statistics,
+  dropout / drop path), cross-entropy (SIFA-ResNet: sum over its two heads), backward, gradient
+  clipping to global norm 40, SGD with momentum 0.9 and weight decay 1e-4. dtf_jax runs it as one
+  jitted function whose parameter, optimiser and BatchNorm state buffers are donated.
+
+and prints one table: median milliseconds over ``--repeats`` timed runs (after ``--warmup``
+untimed ones), clips/s, peak memory of a training step, the JAX/PyTorch time ratio (<1: dtf_jax
+is faster) and dtf_jax's achieved FLOP/s (FLOPs from XLA's cost analysis of the compiled step /
+median time) against a float32 matmul peak measured in the same run.
+
+Peak memory (CPU) is the process's resident-set high-water mark during one step minus its resident
+set just before it (``/proc/self/clear_refs`` resets the mark; freed heap memory is returned with
+``malloc_trim`` first), i.e. everything a step allocates and touches beyond the persistent model
+and optimiser state: activations, gradients, temporaries. On a GPU it is the device allocator's
+peak over the step (``memory_stats``; ``torch.cuda.max_memory_allocated``).
+
+Sizes: on CPU the issue's measurement sizes (ResNets: batch 2, 16 frames, 112x112; Swin-S: batch 1,
+16 frames, 224x224); on a GPU the recipe's (24 clips of 16 frames at 224x224 per device; override
+with ``--batch`` / ``--image-size``).
+
+  python benchmarks/train_step.py                       # all six networks, ~10 min on 2 cores
+  python benchmarks/train_step.py --models c2d_dtf_resnet50,c2d_sifa_swin_vit_s_p4_w7 --repeats 7
+  python benchmarks/train_step.py --json results.json   # also write the rows as JSON
+
+Threads: PyTorch uses ``--threads`` intra-op threads (default: all cores); XLA:CPU uses all cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
+sys.path.insert(0, os.path.join(_REPO, 'tests'))  # the torch references import `torch_reference.*`
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dtf_jax import convert  # noqa: E402
+from torch_reference import resnet as torch_resnet  # noqa: E402
+from torch_reference import swin as torch_swin  # noqa: E402
+
+NUM_CLASSES = 400
+CLIP_LENGTH = 16
+LEARNING_RATE = 1e-4  # small: the benchmark repeats steps on one batch; speed does not depend on it
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+CLIP_NORM = 40.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  name: str                               # registered dtf_jax model
+  family: str                             # 'resnet' | 'swin'
+  torch_model: Callable[[int], torch.nn.Module]   # image_size -> torch module
+
+
+NETWORKS = {
+    n.name: n for n in [
+        Network('c2d_resnet50', 'resnet',
+                lambda size: torch_resnet.c2d_resnet(num_classes=NUM_CLASSES)),
+        Network('c2d_dtf_resnet50', 'resnet',
+                lambda size: torch_resnet.c2d_dtf_resnet(clip_length=CLIP_LENGTH,
+                                                         num_classes=NUM_CLASSES)),
+        Network('c2d_sifa_resnet50', 'resnet',
+                lambda size: torch_resnet.c2d_sifa_resnet(clip_length=CLIP_LENGTH,
+                                                          num_classes=NUM_CLASSES)),
+        Network('c2d_swin_vit_s_p4_w7', 'swin',
+                lambda size: torch_swin.C2D_SWIN_ViT(img_size=size, num_classes=NUM_CLASSES)),
+        Network('c2d_dtf_swin_vit_s_p4_w7', 'swin',
+                lambda size: torch_swin.C2D_DTF_SWIN_ViT(img_size=size, num_classes=NUM_CLASSES,
+                                                         clip_len=CLIP_LENGTH // 4)),
+        Network('c2d_sifa_swin_vit_s_p4_w7', 'swin',
+                lambda size: torch_swin.C2D_SIFA_SWIN_ViT(img_size=size, num_classes=NUM_CLASSES,
+                                                          clip_len=CLIP_LENGTH // 4, K=3)),
+    ]
+}
+
+# (batch, image size) per family: the issue's CPU measurement and the recipe (per device) on GPU.
+CPU_SIZES = {'resnet': (2, 112), 'swin': (1, 224)}
+GPU_SIZES = {'resnet': (24, 224), 'swin': (24, 224)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory measurement.
+# ------------------------------------------------------------------------------------------------
+
+class PeakMemory:
+  """Peak memory of a code region: CPU resident set (Linux) or device allocator peaks."""
+
+  def __init__(self, on_gpu: bool):
+    self.on_gpu = on_gpu
+    try:
+      self._libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+      self._libc = None
+
+  @staticmethod
+  def _status_kib(field: str) -> int:
+    with open('/proc/self/status') as f:
+      return int(re.search(rf'{field}:\s+(\d+)', f.read()).group(1))
+
+  def start(self) -> None:
+    if self.on_gpu:
+      if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+      self._base_jax = _jax_device_bytes('bytes_in_use')
+      self._base_torch = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+      return
+    if self._libc is not None:
+      self._libc.malloc_trim(0)
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')  # reset the resident-set high-water mark to the current resident set
+    self._base = self._status_kib('VmRSS')
+
+  def stop(self, framework: str) -> float:
+    """Peak bytes above the level at ``start``."""
+    if self.on_gpu:
+      if framework == 'torch':
+        return float(torch.cuda.max_memory_allocated() - self._base_torch)
+      return float(_jax_device_bytes('peak_bytes_in_use') - self._base_jax)
+    return float(self._status_kib('VmHWM') - self._base) * 1024.0
+
+
+def _jax_device_bytes(key: str) -> int:
+  stats = jax.devices()[0].memory_stats() or {}
+  return int(stats.get(key, 0))
+
+
+# ------------------------------------------------------------------------------------------------
+# The two implementations of one network.
+# ------------------------------------------------------------------------------------------------
+
+def cross_entropy_jax(outputs, labels):
+  heads = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+  return sum(optax.softmax_cross_entropy_with_integer_labels(h.astype(jnp.float32), labels).mean()
+             for h in heads)
+
+
+def cross_entropy_torch(outputs, labels):
+  heads = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+  return sum(torch.nn.functional.cross_entropy(h, labels) for h in heads)
+
+
+def sgd_recipe() -> optax.GradientTransformation:
+  """The originals' optimiser step (SPEC.md 6.4) at a fixed learning rate."""
+  def clip_torch_style(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    coef = jnp.minimum(1.0, CLIP_NORM / (norm + 1e-6))
+    return jax.tree.map(lambda g: g * coef, updates), state
+
+  return optax.chain(
+      optax.GradientTransformation(lambda params: optax.EmptyState(), clip_torch_style),
+      optax.add_decayed_weights(WEIGHT_DECAY),
+      optax.trace(decay=MOMENTUM, nesterov=False),
+      optax.scale(-LEARNING_RATE))
+
+
+class JaxRunner:
+  """Jitted eval forward and donated train step of a dtf_jax model (functional split/merge)."""
+
+  def __init__(self, model: nnx.Module, video: jax.Array, labels: jax.Array):
+    self.video, self.labels = video, labels
+    tx = sgd_recipe()
+    model.eval()
+    self.eval_graph, params, rest = nnx.split(model, nnx.Param, ...)
+    model.train()
+    self.train_graph, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    self.params, self.rest = params, rest
+    self.opt_state = tx.init(params)
+    eval_graph, train_graph = self.eval_graph, self.train_graph
+
+    def forward(params, rest, video):
+      return nnx.merge(eval_graph, params, rest)(video)
+
+    def train_step(params, opt_state, rest, video, labels):
+      def loss_fn(p, r):
+        m = nnx.merge(train_graph, p, r)
+        loss = cross_entropy_jax(m(video), labels)
+        return loss, nnx.as_pure(nnx.state(m, nnx.Not(nnx.Param)))
+
+      (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, new_rest, loss
+
+    self.forward = jax.jit(forward)
+    self.train_step = jax.jit(train_step, donate_argnums=(0, 1, 2))
+
+  def compile(self) -> dict[str, float]:
+    """Compiles both functions; returns their FLOPs (XLA cost analysis) and compile seconds."""
+    out = {}
+    for key, fn, args in (
+        ('forward', self.forward, (self.params, self.rest, self.video)),
+        ('train', self.train_step, (self.params, self.opt_state, self.rest, self.video, self.labels))):
+      t0 = time.perf_counter()
+      compiled = fn.lower(*args).compile()
+      out[f'{key}_compile_s'] = time.perf_counter() - t0
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      out[f'{key}_flops'] = float(cost.get('flops', float('nan'))) if cost else float('nan')
+      mem = compiled.memory_analysis()
+      out[f'{key}_xla_temp_bytes'] = float(getattr(mem, 'temp_size_in_bytes', float('nan')))
+    return out
+
+  def run_forward(self) -> None:
+    jax.block_until_ready(self.forward(self.params, self.rest, self.video))
+
+  def run_train(self) -> None:
+    self.params, self.opt_state, self.rest, loss = self.train_step(
+        self.params, self.opt_state, self.rest, self.video, self.labels)
+    jax.block_until_ready((self.params, loss))
+
+
+class TorchRunner:
+  """Eval forward under ``inference_mode`` and a full SGD training step of a torch model."""
+
+  def __init__(self, model: torch.nn.Module, video: torch.Tensor, labels: torch.Tensor):
+    self.model, self.video, self.labels = model, video, labels
+    self.params = [p for p in model.parameters() if p.requires_grad]
+    self.opt = torch.optim.SGD(self.params, lr=LEARNING_RATE, momentum=MOMENTUM,
+                               weight_decay=WEIGHT_DECAY)
+    self.cuda = video.is_cuda
+
+  def _sync(self):
+    if self.cuda:
+      torch.cuda.synchronize()
+
+  def run_forward(self) -> None:
+    self.model.eval()
+    with torch.inference_mode():
+      self.model(self.video)
+    self._sync()
+
+  def run_train(self) -> None:
+    self.model.train()
+    self.opt.zero_grad(set_to_none=True)
+    loss = cross_entropy_torch(self.model(self.video), self.labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
+    self.opt.step()
+    self._sync()
+
+
+def build_pair(name: str, batch: int, image_size: int, *, seed: int = 0, on_gpu: bool = False,
+               jax_overrides: dict | None = None):
+  """(TorchRunner, JaxRunner) of one network with identical weights and inputs."""
+  net = NETWORKS[name]
+  torch.manual_seed(seed)
+  torch_model = net.torch_model(image_size)
+  state_dict = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', UserWarning)  # SPEC 2.7 warning for original Swin checkpoints
+    jax_model = convert.from_pytorch(name, state_dict, num_classes=NUM_CLASSES,
+                                     clip_length=CLIP_LENGTH, image_size=image_size,
+                                     rngs=nnx.Rngs(seed), **(jax_overrides or {}))
+  rng = np.random.default_rng(seed)
+  video = rng.normal(size=(batch, CLIP_LENGTH, image_size, image_size, 3)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, size=(batch,))
+  device = 'cuda' if on_gpu else 'cpu'
+  torch_video = torch.from_numpy(video.transpose(0, 4, 1, 2, 3).copy()).to(device)
+  torch_runner = TorchRunner(torch_model.to(device), torch_video,
+                             torch.from_numpy(labels).to(device))
+  jax_runner = JaxRunner(jax_model, jnp.asarray(video), jnp.asarray(labels, jnp.int32))
+  return torch_runner, jax_runner
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurement.
+# ------------------------------------------------------------------------------------------------
+
+def _process_cpu_seconds() -> float:
+  """User + system CPU time of this process (all threads)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+  """float32 FLOP/s of a jitted ``size x size`` matmul on the default device (median)."""
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(key_a, (size, size), jnp.float32)
+  b = jax.random.normal(key_b, (size, size), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    dot(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2.0 * size**3 / statistics.median(times)
+
+
+def measure(name: str, *, batch: int, image_size: int, repeats: int, warmup: int, on_gpu: bool,
+            jax_overrides: dict | None = None, log=print) -> dict:
+  """Alternating A/B timings of one network; returns a row of results."""
+  t0 = time.perf_counter()
+  torch_runner, jax_runner = build_pair(name, batch, image_size, on_gpu=on_gpu,
+                                        jax_overrides=jax_overrides)
+  row = dict(model=name, batch=batch, image_size=image_size, frames=CLIP_LENGTH)
+  row.update(jax_runner.compile())
+  log(f'  {name}: built + compiled in {time.perf_counter() - t0:.0f} s '
+      f'(XLA compile: forward {row["forward_compile_s"]:.0f} s, train {row["train_compile_s"]:.0f} s)')
+  runners = {'torch': torch_runner, 'jax': jax_runner}
+  memory = PeakMemory(on_gpu)
+  times = {(fw, kind): [] for fw in runners for kind in ('forward', 'train')}
+  cpu_times = {(fw, kind): [] for fw in runners for kind in ('forward', 'train')}
+  peaks = {fw: [] for fw in runners}
+  for r in range(warmup + repeats):
+    order = ('torch', 'jax') if r % 2 == 0 else ('jax', 'torch')
+    for kind in ('forward', 'train'):
+      for fw in order:
+        runner = runners[fw]
+        fn = runner.run_forward if kind == 'forward' else runner.run_train
+        if kind == 'train':
+          memory.start()
+        cpu_start = _process_cpu_seconds()
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        cpu_elapsed = _process_cpu_seconds() - cpu_start
+        if kind == 'train':
+          peak = memory.stop(fw)
+        if r >= warmup:
+          times[fw, kind].append(elapsed)
+          cpu_times[fw, kind].append(cpu_elapsed)
+          if kind == 'train':
+            peaks[fw].append(peak)
+  for (fw, kind), values in times.items():
+    row[f'{fw}_{kind}_ms'] = 1e3 * statistics.median(values)
+    row[f'{fw}_{kind}_all_ms'] = [round(1e3 * v, 1) for v in values]
+    row[f'{fw}_{kind}_cpu_ms'] = 1e3 * statistics.median(cpu_times[fw, kind])
+  for fw, values in peaks.items():
+    row[f'{fw}_train_peak_bytes'] = max(values)
+  for kind in ('forward', 'train'):
+    row[f'{kind}_ratio'] = row[f'jax_{kind}_ms'] / row[f'torch_{kind}_ms']
+    row[f'jax_{kind}_flops_per_s'] = row[f'{kind}_flops'] / (row[f'jax_{kind}_ms'] / 1e3)
+  return row
+
+
+def add_temporal_overheads(rows: list[dict]) -> None:
+  """Adds, per DTF/SIFA network, the extra train time over its C2D baseline in both frameworks."""
+  by_name = {r['model']: r for r in rows}
+  baselines = {'c2d_dtf_resnet50': 'c2d_resnet50', 'c2d_sifa_resnet50': 'c2d_resnet50',
+               'c2d_dtf_swin_vit_s_p4_w7': 'c2d_swin_vit_s_p4_w7',
+               'c2d_sifa_swin_vit_s_p4_w7': 'c2d_swin_vit_s_p4_w7'}
+  for name, base in baselines.items():
+    if name in by_name and base in by_name:
+      row, ref = by_name[name], by_name[base]
+      for fw in ('torch', 'jax'):
+        row[f'{fw}_train_overhead_ms'] = row[f'{fw}_train_ms'] - ref[f'{fw}_train_ms']
+      row['overhead_ratio'] = row['jax_train_overhead_ms'] / row['torch_train_overhead_ms']
+
+
+def format_table(rows: list[dict], peak_flops: float) -> str:
+  head = ('| network | input | step | PyTorch ms | dtf_jax ms | JAX/PyTorch | dtf_jax clips/s | '
+          'PyTorch peak MiB | dtf_jax peak MiB | dtf_jax GFLOP/s (% of matmul) |')
+  lines = [head, '|' + '---|' * 10]
+  for r in rows:
+    size = f'{r["batch"]}x{r["frames"]}x{r["image_size"]}²'
+    for kind in ('forward', 'train'):
+      mem_t = f'{r["torch_train_peak_bytes"] / 2**20:.0f}' if kind == 'train' else ''
+      mem_j = f'{r["jax_train_peak_bytes"] / 2**20:.0f}' if kind == 'train' else ''
+      flops = r[f'jax_{kind}_flops_per_s']
+      lines.append(
+          f'| {r["model"]} | {size} | {kind} | {r[f"torch_{kind}_ms"]:.0f} | '
+          f'{r[f"jax_{kind}_ms"]:.0f} | {r[f"{kind}_ratio"]:.2f} | '
+          f'{r["batch"] / (r[f"jax_{kind}_ms"] / 1e3):.2f} | {mem_t} | {mem_j} | '
+          f'{flops / 1e9:.0f} ({100 * flops / peak_flops:.0f}%) |')
+  overhead = [r for r in rows if 'overhead_ratio' in r]
+  if overhead:
+    lines += ['', '| network | PyTorch train overhead over C2D (ms) | dtf_jax overhead (ms) | '
+              'dtf_jax/PyTorch overhead |', '|---|---|---|---|']
+    for r in overhead:
+      lines.append(f'| {r["model"]} | {r["torch_train_overhead_ms"]:+.0f} | '
+                   f'{r["jax_train_overhead_ms"]:+.0f} | {r["overhead_ratio"]:.2f} |')
+  return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--models', default=','.join(NETWORKS),
+                      help='comma-separated registered names (default: all six)')
+  parser.add_argument('--repeats', type=int, default=5, help='timed runs per step kind (median)')
+  parser.add_argument('--warmup', type=int, default=1, help='untimed runs after compilation')
+  parser.add_argument('--batch', type=int, default=None, help='override the batch size')
+  parser.add_argument('--image-size', type=int, default=None, help='override the frame size')
+  parser.add_argument('--threads', type=int, default=os.cpu_count(),
+                      help='PyTorch intra-op threads (XLA:CPU uses all cores)')
+  parser.add_argument('--override', action='append', default=[], metavar='KEY=VALUE',
+                      help='dtf_jax model override, e.g. dtype=bfloat16 or remat=True (repeatable)')
+  parser.add_argument('--json', default=None, help='also write the result rows to this file')
+  args = parser.parse_args(argv)
+
+  names = [n.strip() for n in args.models.split(',') if n.strip()]
+  unknown = [n for n in names if n not in NETWORKS]
+  if unknown:
+    parser.error(f'unknown --models {unknown}; choose from {", ".join(NETWORKS)}')
+  if args.repeats < 1 or args.warmup < 0:
+    parser.error('--repeats must be >= 1 and --warmup >= 0')
+  overrides = {}
+  for item in args.override:
+    key, _, value = item.partition('=')
+    overrides[key] = {'True': True, 'False': False}.get(value, value)
+
+  torch.set_num_threads(args.threads)
+  on_gpu = jax.default_backend() == 'gpu'
+  sizes = GPU_SIZES if on_gpu else CPU_SIZES
+  device = jax.devices()[0]
+  load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
+  print(f'device: {device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, '
+        f'torch threads {torch.get_num_threads()}, jax {jax.__version__}, torch {torch.__version__}, '
+        f'load average {load:.2f}')
+  peak = matmul_peak_flops()
+  print(f'float32 matmul peak (2048^3, jitted): {peak / 1e9:.0f} GFLOP/s')
+  rows = []
+  for name in names:
+    batch, size = sizes[NETWORKS[name].family]
+    rows.append(measure(name, batch=args.batch or batch, image_size=args.image_size or size,
+                        repeats=args.repeats, warmup=args.warmup, on_gpu=on_gpu,
+                        jax_overrides=overrides))
+  add_temporal_overheads(rows)
+  load_end = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
+  print()
+  print(f'median of {args.repeats} (after {args.warmup} warm-up), alternating A/B; '
+        f'load average {load:.2f} -> {load_end:.2f}; dtf_jax overrides {overrides or "none"}')
+  print(format_table(rows, peak))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(dict(device=device.device_kind, matmul_peak_flops=peak, load_average=[load, load_end],
+                     overrides=overrides, rows=rows), f, indent=1)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
