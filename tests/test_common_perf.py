@@ -1,0 +1,197 @@
+"""Performance helpers of ``dtf_jax.layers.common`` compute exactly what they replace.
+
+``fast_conv3d``: the 2-D / matmul rewrites of channels-last 3-D convolutions are exact.
+
+The oracle is ``jax.lax.conv_general_dilated`` on the 5-D arrays (XLA's own 3-D convolution), for
+every rewrite (temporal kernel 1 with and without spatial stride, 1x1 matmuls, temporal kernel ==
+stride for the ResNet stem and the Swin tubelet, trailing frames dropped) and for the cases that
+must fall back (temporal padding, dilation, a temporal kernel of 3). Forward values and the
+gradients w.r.t. input and kernel are compared in float64; a structural check asserts that the
+rewritten cases really contain no 3-D convolution.
+
+``materialized_cotangent``: an identity with an identity gradient whose backward carries an
+``optimization_barrier``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dtf_jax.layers import common
+
+_DN = ('NDHWC', 'DHWIO', 'NDHWC')
+
+
+@pytest.fixture
+def x64():
+  """float64 for the duration of one test (scoped: xdist workers share processes)."""
+  with jax.enable_x64(True):
+    yield
+
+# (input shape (N, T, H, W, C), out channels, kernel, strides, padding, groups, rewritten?)
+CASES = (
+    ((2, 3, 5, 6, 4), 3, (1, 1, 1), (1, 1, 1), (0, 0, 0), 1, True),    # 1x1: matmul
+    ((2, 3, 7, 6, 4), 5, (1, 1, 1), (1, 2, 2), (0, 0, 0), 1, True),    # strided 1x1 (downsample)
+    ((1, 2, 5, 6, 4), 3, (1, 3, 3), (1, 1, 1), (0, 1, 1), 1, True),    # bottleneck conv2
+    ((2, 2, 7, 6, 4), 3, (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, True),    # strided conv2
+    ((1, 2, 5, 6, 4), 6, (1, 3, 3), (1, 1, 1), (0, 1, 1), 2, True),    # grouped (ResNeXt)
+    ((1, 9, 9, 8, 3), 4, (4, 7, 7), (4, 2, 2), (0, 3, 3), 1, True),    # ResNet stem, T % 4 != 0
+    ((2, 8, 8, 12, 3), 5, (4, 4, 4), (4, 4, 4), (0, 0, 0), 1, True),   # Swin tubelet: matmul
+    ((1, 4, 5, 6, 3), 2, (3, 3, 3), (1, 1, 1), (1, 1, 1), 1, False),  # true 3-D conv
+    ((1, 4, 5, 6, 3), 2, (1, 3, 3), (1, 1, 1), (1, 1, 1), 1, False),  # temporal padding
+)
+
+
+def _reference(x, kernel, strides, padding, groups):
+  return jax.lax.conv_general_dilated(
+      x, kernel, strides, [(p, p) for p in padding],
+      dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _DN),
+      feature_group_count=groups)
+
+
+def _fast(x, kernel, strides, padding, groups):
+  return common.fast_conv3d(
+      x, kernel, strides, [(p, p) for p in padding],
+      dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _DN),
+      feature_group_count=groups)
+
+
+def _has_3d_conv(jaxpr) -> bool:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'conv_general_dilated' and eqn.invars[0].aval.ndim == 5:
+      return True
+    for param in eqn.params.values():
+      sub = getattr(param, 'jaxpr', None)
+      if sub is not None and _has_3d_conv(getattr(sub, 'jaxpr', sub)):
+        return True
+  return False
+
+
+@pytest.mark.parametrize('case', CASES, ids=lambda c: f'k{c[2]}s{c[3]}p{c[4]}g{c[5]}')
+def test_fast_conv3d_matches_3d_convolution(x64, case):
+  shape, out, kernel_size, strides, padding, groups, rewritten = case
+  rng = np.random.default_rng(CASES.index(case))
+  x = jnp.asarray(rng.normal(size=shape))
+  kernel = jnp.asarray(rng.normal(size=kernel_size + (shape[-1] // groups, out)))
+  want, want_vjp = jax.vjp(lambda a, b: _reference(a, b, strides, padding, groups), x, kernel)
+  got, got_vjp = jax.vjp(lambda a, b: _fast(a, b, strides, padding, groups), x, kernel)
+  assert got.shape == want.shape and got.dtype == want.dtype
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  cotangent = jnp.asarray(rng.normal(size=want.shape))
+  for g, w in zip(got_vjp(cotangent), want_vjp(cotangent)):
+    np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+  jaxpr = jax.make_jaxpr(lambda a, b: _fast(a, b, strides, padding, groups))(x, kernel).jaxpr
+  assert _has_3d_conv(jaxpr) == (not rewritten)
+
+
+def test_conv3d_module_uses_the_fast_path_and_keeps_its_parameters():
+  """``common.conv3d`` keeps nnx.Conv's parameter tree and routes through ``fast_conv3d``."""
+  conv = common.conv3d(4, 6, (1, 3, 3), strides=(1, 2, 2), padding=(0, 1, 1), use_bias=True,
+                       rngs=nnx.Rngs(0))
+  params = nnx.state(conv, nnx.Param)
+  assert set(params.keys()) == {'kernel', 'bias'}
+  assert conv.kernel.shape == (1, 3, 3, 4, 6)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 7, 6, 4)), jnp.float32)
+  want = _reference(x, conv.kernel[...], (1, 2, 2), (0, 1, 1), 1) + conv.bias[...]
+  np.testing.assert_allclose(conv(x), want, rtol=1e-5, atol=1e-5)
+  assert not _has_3d_conv(jax.make_jaxpr(conv)(x).jaxpr)
+
+
+def test_bfloat16_inputs_keep_their_dtype():
+  x = jnp.ones((1, 2, 4, 4, 3), jnp.bfloat16)
+  kernel = jnp.ones((1, 1, 1, 3, 2), jnp.bfloat16)
+  assert _fast(x, kernel, (1, 1, 1), (0, 0, 0), 1).dtype == jnp.bfloat16
+
+
+def test_materialized_cotangent_is_identity_with_a_barrier_in_the_backward():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  f = lambda a: jnp.sin(common.materialized_cotangent(a * 2.0))
+  y, vjp = jax.vjp(f, x)
+  want_y, want_vjp = jax.vjp(lambda a: jnp.sin(a * 2.0), x)
+  np.testing.assert_array_equal(y, want_y)
+  np.testing.assert_array_equal(vjp(g)[0], want_vjp(g)[0])
+  grad_jaxpr = str(jax.make_jaxpr(lambda a: jax.vjp(f, a)[1](g))(x))
+  assert 'optimization_barrier' in grad_jaxpr
+  assert 'optimization_barrier' not in str(jax.make_jaxpr(f)(x))
+
+
+def _plain_batch_norm(xg, scale, bias, epsilon):
+  axes = tuple(range(1, xg.ndim - 1))
+  mean = jnp.mean(xg, axis=axes, keepdims=True)
+  var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+  y = (xg - mean) * jax.lax.rsqrt(var + epsilon)
+  if scale is not None:
+    y = y * scale + bias
+  return y, mean, var
+
+
+@pytest.mark.parametrize('affine', (True, False))
+@pytest.mark.parametrize('shape', ((1, 6, 3, 4, 5), (3, 2, 2, 3, 4)), ids=('one_group', 'groups'))
+def test_batch_norm_train_matches_autodiff_of_the_formula(x64, shape, affine):
+  """Value and VJP (w.r.t. input, scale, bias, with cotangents on y, mean and var) in float64."""
+  rng = np.random.default_rng(len(shape) + shape[0] + affine)
+  xg = jnp.asarray(rng.normal(size=shape) * 3.0 + 1.5)
+  c = shape[-1]
+  scale = jnp.asarray(rng.normal(size=(c,))) if affine else None
+  bias = jnp.asarray(rng.normal(size=(c,))) if affine else None
+  got, got_vjp = jax.vjp(lambda *a: common.batch_norm_train(*a, 1e-5), xg, scale, bias)
+  want, want_vjp = jax.vjp(lambda *a: _plain_batch_norm(*a, 1e-5), xg, scale, bias)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)
+  cotangents = tuple(jnp.asarray(rng.normal(size=w.shape)) for w in want)
+  for g, w in zip(got_vjp(cotangents), want_vjp(cotangents)):
+    if w is None:
+      assert g is None
+    else:
+      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_batchnorm_module_training_step_is_unchanged():
+  """The module's train-mode output, gradients and running statistics equal the plain formula."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(4, 2, 3, 3, 5)) * 2 + 1, jnp.float32)
+  bn = common.BatchNorm(5, group_size=2)
+  bn.scale[...] = jnp.asarray(rng.normal(size=(5,)), jnp.float32)
+  y = bn(x)
+  xg = x.reshape(2, 2, 2, 3, 3, 5)
+  want, mean, var = _plain_batch_norm(xg, bn.scale[...], bn.bias[...], 1e-5)
+  np.testing.assert_allclose(y, want.reshape(x.shape), rtol=1e-5, atol=1e-5)
+  n = 2 * 2 * 3 * 3
+  np.testing.assert_allclose(bn.mean[...], 0.1 * mean.reshape(2, 5).mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * var.reshape(2, 5).mean(0) * n / (n - 1),
+                             rtol=1e-5, atol=1e-6)
+  g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  fresh = common.BatchNorm(5, group_size=2)
+  got = nnx.grad(lambda m, a: jnp.sum(m(a) * g), argnums=1)(fresh, x)
+  want_grad = jax.grad(lambda a: jnp.sum(_plain_batch_norm(
+      a.reshape(2, 2, 2, 3, 3, 5), jnp.ones(5), jnp.zeros(5), 1e-5)[0].reshape(x.shape) * g))(x)
+  np.testing.assert_allclose(got, want_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', ((2, 3, 8, 8, 4), (1, 2, 7, 9, 3), (1, 1, 1, 1, 2), (2, 1, 5, 4, 3)),
+                         ids=('even', 'odd_h_odd_w', 'single_pixel', 'odd_h_even_w'))
+def test_max_pool_3x3_stride2_matches_torch_including_ties(x64, shape):
+  """Values and the input gradient of PyTorch's MaxPool3d((1,3,3), (1,2,2), (0,1,1)), float64.
+
+  A third of the inputs are exactly 0 (as after a ReLU), so many windows hold tied maxima: the
+  gradient must go to the first one in row-major order, like PyTorch's.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(shape[2] * 10 + shape[3])
+  x = rng.normal(size=shape)
+  x[x < 0.3] = 0.0
+  x_torch = torch.tensor(x.transpose(0, 4, 1, 2, 3), requires_grad=True)
+  y_torch = torch.nn.functional.max_pool3d(x_torch, (1, 3, 3), (1, 2, 2), (0, 1, 1))
+  g = rng.normal(size=y_torch.shape)
+  y_torch.backward(torch.tensor(g))
+  y, vjp = jax.vjp(common.max_pool_3x3_stride2, jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(y), y_torch.detach().numpy().transpose(0, 2, 3, 4, 1))
+  grad = vjp(jnp.asarray(g.transpose(0, 2, 3, 4, 1)))[0]
+  np.testing.assert_allclose(np.asarray(grad), x_torch.grad.numpy().transpose(0, 2, 3, 4, 1),
+                             rtol=1e-12, atol=1e-12)
