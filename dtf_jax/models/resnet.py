@@ -78,8 +78,12 @@ def sifa_combined_probs(logits) -> Array:
 
 
 def _stem_pool(x: Array) -> Array:
-  """MaxPool3d kernel (1,3,3), stride (1,2,2), padding (0,1,1), padded with -inf."""
-  return nnx.max_pool(x, window_shape=(1, 3, 3), strides=(1, 2, 2), padding=((0, 0), (1, 1), (1, 1)))
+  """MaxPool3d kernel (1,3,3), stride (1,2,2), padding (0,1,1), padded with -inf.
+
+  ``common.max_pool_3x3_stride2``: PyTorch's first-maximum gradient, and a gather-form backward
+  that XLA:CPU runs far faster than its generic select-and-scatter.
+  """
+  return common.max_pool_3x3_stride2(x)
 
 
 def _temporal_pool(x: Array) -> Array:
