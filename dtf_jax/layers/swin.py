@@ -285,6 +285,9 @@ class SwinTransformerBlock(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     self._check_tokens(x)
+    # The residual stream's gradient is materialised at every block input: otherwise XLA:CPU
+    # fuses its sum over all later blocks into each consumer (see common.materialized_cotangent).
+    x = common.materialized_cotangent(x)
     return self.mlp_branch(self.temporal_interaction(self.attention_branch(x)))
 
 
