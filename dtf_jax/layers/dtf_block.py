@@ -27,8 +27,11 @@ Parameter tree (mirrors the PyTorch ``DTFBlock`` of the original code):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dtf_jax import ops
@@ -58,6 +61,38 @@ def check_dtf_shape(dim: int, clip_len: int, factor_g: int = 16, *, where: str =
         f"length for which C*(T//2+1) is a multiple of {factor_g // 2} (e.g. C a multiple of 8)")
 
 
+@functools.lru_cache(maxsize=None)
+def real_dft_matrices(clip_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Orthonormal real DFT over ``T = clip_len`` frames as small constant matrices (float32).
+
+  ``rfft(u, norm='ortho')_f = sum_t (fwd_re[f, t] + i*fwd_im[f, t]) * u_t`` for ``f < F = T//2 + 1``
+  and ``irfft(V, n=T, norm='ortho')_t = sum_f inv_re[t, f] * Re V_f + inv_im[t, f] * Im V_f``
+  (the imaginary parts of the DC and, for even T, Nyquist bins get weight exactly 0, as irfft
+  ignores them). With T = 4 (every released model) these are 3 x 4 matrices: applying them as
+  fused elementwise sums over the frames is far cheaper on XLA than an FFT along a non-minor axis
+  (which needs transposes to and from the FFT layout).
+  """
+  t = np.arange(clip_len)
+  f = np.arange(clip_len // 2 + 1)
+  angle = 2.0 * np.pi * np.outer(f, t) / clip_len  # (F, T)
+  scale = 1.0 / np.sqrt(clip_len)
+  fwd_re, fwd_im = np.cos(angle) * scale, -np.sin(angle) * scale
+  weight = np.where((f == 0) | (2 * f == clip_len), 1.0, 2.0)[:, None]  # DC / Nyquist counted once
+  inv_re = (weight * np.cos(angle) * scale).T
+  inv_im = (-weight * np.sin(angle) * scale).T
+  inv_im[:, (f == 0) | (2 * f == clip_len)] = 0.0
+  return tuple(m.astype(np.float32) for m in (fwd_re, fwd_im, inv_re, inv_im))
+
+
+def _mix_frames(coefficients: np.ndarray, frames: list[Array]) -> list[Array]:
+  """``out[i] = sum_j coefficients[i, j] * frames[j]`` with constant coefficients (zeros skipped)."""
+  out = []
+  for row in coefficients:
+    terms = [float(c) * f for c, f in zip(row, frames) if c != 0.0]
+    out.append(functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(frames[0]))
+  return out
+
+
 class ComplexLinear(nnx.Module):
   """Complex channel mixing ``V[..., o] = sum_c W[o, c] * P[..., c]`` without bias (``FFTLinear``).
 
@@ -71,12 +106,20 @@ class ComplexLinear(nnx.Module):
 
   def __call__(self, real: Array, imag: Array) -> tuple[Array, Array]:
     """``real``, ``imag``: ``(..., C_in)`` float32 -> ``(..., C_out)`` real and imaginary parts."""
+    c_out = self.complex_weight.shape[0]
+    out = jnp.matmul(jnp.concatenate([real, imag], axis=-1), self.real_matrix(),
+                     precision=jax.lax.Precision.HIGHEST)
+    return out[..., :c_out], out[..., c_out:]
+
+  def real_matrix(self) -> Array:
+    """The complex map as one real ``(2*C_in, 2*C_out)`` matrix acting on ``[real | imag]`` rows.
+
+    ``[Re V | Im V] = [Re P | Im P] @ [[Wr^T, Wi^T], [-Wi^T, Wr^T]]``: one matmul instead of four.
+    """
     w = self.complex_weight[...]
     wr, wi = w[..., 0].T, w[..., 1].T  # (C_in, C_out)
-    hi = jax.lax.Precision.HIGHEST
-    out_r = jnp.matmul(real, wr, precision=hi) - jnp.matmul(imag, wi, precision=hi)
-    out_i = jnp.matmul(real, wi, precision=hi) + jnp.matmul(imag, wr, precision=hi)
-    return out_r, out_i
+    return jnp.concatenate([jnp.concatenate([wr, wi], axis=1),
+                            jnp.concatenate([-wi, wr], axis=1)], axis=0)
 
 
 class FFTBatchNorm(nnx.Module):
@@ -163,37 +206,48 @@ class DTFBlock(nnx.Module):
           f"{self.dim}), got shape {x.shape}; the clip length after the stem must equal the clip_len "
           "the block was built with")
     b, t, h, w, c = x.shape
+    freqs = self.num_freqs
     weight = jax.lax.stop_gradient(self.weights_cor[...])
     # Steps 1-4: raw correlation r (B,T,H,W,K*K) and u = x + next frame's softmax aggregation.
     u, r = ops.frame_wise_aggregation(
         x, weight, kernel_size=self.kernel_size, dilation=1, impl=self.kernel_impl)
 
-    # Step 5: orthonormal real FFT over time, float32/complex64.
-    spec = jnp.fft.rfft(u.astype(jnp.float32), axis=1, norm="ortho")  # (B, F, H, W, C)
-
-    # Step 6: filter generation from z[j*T + t] = [u; r]_t[j] (feature-major, time-minor).
+    # Step 6: filter generation from z[j*T + t] = [u; r]_t[j] (feature-major, time-minor). The
+    # kernel rows are permuted to time-major once, so z is the frames' features side by side.
     cdtype = self.dtype or x.dtype
     z = jnp.concatenate([u.astype(cdtype), r.astype(cdtype)], axis=-1)  # (B, T, H, W, C+K*K)
-    z = jnp.transpose(z, (0, 2, 3, 4, 1)).reshape(b, h, w, -1)  # (B, H, W, (C+K*K)*T)
-    phi = self.filter_g(z).astype(jnp.float32)  # (B, H, W, O)
+    z = jnp.transpose(z, (0, 2, 3, 1, 4)).reshape(b, h, w, -1)  # (B, H, W, T*(C+K*K))
+    kernel = self.filter_g.kernel[...].astype(cdtype)  # ((C+K*K)*T, O), row j*T + t
+    kernel = jnp.swapaxes(kernel.reshape(-1, t, kernel.shape[-1]), 0, 1).reshape(-1, kernel.shape[-1])
+    phi = jnp.matmul(z, kernel).astype(jnp.float32)  # (B, H, W, O)
 
-    # Step 7: each entry repeated factor_g times, read as (C, F, 2) -> complex filter (B,F,H,W,C).
-    psi = jnp.repeat(phi, self.factor_g, axis=-1).reshape(b, h, w, c, self.num_freqs, 2)
-    psi = jnp.transpose(psi, (0, 4, 1, 2, 3, 5))
+    # Step 7: each entry repeated factor_g times, read as (C, F, 2) -> filter (B, H, W, F, C).
+    psi = jnp.repeat(phi, self.factor_g, axis=-1).reshape(b, h, w, c, freqs, 2)
+    psi = jnp.transpose(psi, (0, 1, 2, 4, 3, 5))
     psi_r, psi_i = psi[..., 0], psi[..., 1]
 
-    # Step 8: modulation, then complex channel mixing.
-    spec_r, spec_i = jnp.real(spec), jnp.imag(spec)
-    mod_r = spec_r * psi_r - spec_i * psi_i
-    mod_i = spec_r * psi_i + spec_i * psi_r
-    v_r, v_i = self.linear1(mod_r, mod_i)
+    # Step 5: orthonormal real DFT over time (constant 3x4 matrices for T = 4), float32,
+    # frequency-major per pixel: (B, H, W, F, C).
+    fwd_re, fwd_im, inv_re, inv_im = real_dft_matrices(t)
+    frames = [u[:, i].astype(jnp.float32) for i in range(t)]  # T x (B, H, W, C)
+    spec_r = jnp.stack(_mix_frames(fwd_re, frames), axis=3)
+    spec_i = jnp.stack(_mix_frames(fwd_im, frames), axis=3)
 
-    # Step 9: one BatchNorm over both parts.
-    v_r, v_i = self.norm1(v_r, v_i)
+    # Step 8: modulation, then complex channel mixing as one real matmul on [re | im] rows.
+    modulated = jnp.concatenate([spec_r * psi_r - spec_i * psi_i,
+                                 spec_r * psi_i + spec_i * psi_r], axis=-1)  # (B, H, W, F, 2C)
+    modulated = jax.lax.optimization_barrier(modulated)
+    mixed = jnp.matmul(modulated, self.linear1.real_matrix(), precision=jax.lax.Precision.HIGHEST)
+    mixed = common.materialized_cotangent(mixed)
 
-    # Step 10: scale, inverse FFT, residual on the un-aggregated input, bias.
+    # Step 9: one BatchNorm over real and imaginary parts (statistics over B, H, W, F, re/im).
+    normed = self.norm1.norm(mixed.reshape(b, h, w, 2 * freqs, c)).reshape(b, h, w, freqs, 2, c)
+
+    # Step 10: scale, inverse DFT, residual on the un-aggregated input, bias.
     alpha = self.alpha1[...]
-    filtered = jax.lax.complex(v_r * alpha, v_i * alpha)
-    y = jnp.fft.irfft(filtered, n=t, axis=1, norm="ortho")  # (B, T, H, W, C) float32
+    v_r = [normed[:, :, :, f, 0] * alpha for f in range(freqs)]
+    v_i = [normed[:, :, :, f, 1] * alpha for f in range(freqs)]
+    y = jnp.stack([re + im for re, im in zip(_mix_frames(inv_re, v_r), _mix_frames(inv_im, v_i))],
+                  axis=1)  # (B, T, H, W, C) float32
     out = x.astype(jnp.float32) + y + self.bias[...]
     return out.astype(x.dtype)
