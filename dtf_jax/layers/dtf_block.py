@@ -28,6 +28,7 @@ Parameter tree (mirrors the PyTorch ``DTFBlock`` of the original code):
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -105,11 +106,25 @@ class ComplexLinear(nnx.Module):
         common.normal_init(0.02)(rngs.params(), (out_features, in_features, 2), jnp.float32))
 
   def __call__(self, real: Array, imag: Array) -> tuple[Array, Array]:
-    """``real``, ``imag``: ``(..., C_in)`` float32 -> ``(..., C_out)`` real and imaginary parts."""
-    c_out = self.complex_weight.shape[0]
-    out = jnp.matmul(jnp.concatenate([real, imag], axis=-1), self.real_matrix(),
-                     precision=jax.lax.Precision.HIGHEST)
-    return out[..., :c_out], out[..., c_out:]
+    """``real``, ``imag``: ``(..., C_in)`` float32 -> ``(..., C_out)`` real and imaginary parts.
+
+    Two equivalent evaluations, chosen by shape (static): with many rows, one matmul of
+    ``[re | im]`` by the real ``(2*C_in, 2*C_out)`` form of the map (one large GEMM); with few rows
+    (deep stages: 4x4 maps, 512 channels), where building and transposing that matrix would cost
+    more than the products, four matmuls against the stored ``(C_out, C_in)`` planes (no
+    transposes of the weight, forward or backward).
+    """
+    c_out, c_in = self.complex_weight.shape[:2]
+    rows = math.prod(real.shape[:-1])
+    hi = jax.lax.Precision.HIGHEST
+    if rows >= 4 * c_in:
+      out = jnp.matmul(jnp.concatenate([real, imag], axis=-1), self.real_matrix(), precision=hi)
+      return out[..., :c_out], out[..., c_out:]
+    w = self.complex_weight[...]
+    wr, wi = w[..., 0], w[..., 1]  # (C_out, C_in)
+    times = lambda a, b: jax.lax.dot_general(  # a @ b.T
+        a, b, (((a.ndim - 1,), (1,)), ((), ())), precision=hi)
+    return times(real, wr) - times(imag, wi), times(real, wi) + times(imag, wr)
 
   def real_matrix(self) -> Array:
     """The complex map as one real ``(2*C_in, 2*C_out)`` matrix acting on ``[real | imag]`` rows.
@@ -216,9 +231,13 @@ class DTFBlock(nnx.Module):
     # kernel rows are permuted to time-major once, so z is the frames' features side by side.
     cdtype = self.dtype or x.dtype
     z = jnp.concatenate([u.astype(cdtype), r.astype(cdtype)], axis=-1)  # (B, T, H, W, C+K*K)
-    z = jnp.transpose(z, (0, 2, 3, 1, 4)).reshape(b, h, w, -1)  # (B, H, W, T*(C+K*K))
     kernel = self.filter_g.kernel[...].astype(cdtype)  # ((C+K*K)*T, O), row j*T + t
-    kernel = jnp.swapaxes(kernel.reshape(-1, t, kernel.shape[-1]), 0, 1).reshape(-1, kernel.shape[-1])
+    if b * h * w >= kernel.shape[-1]:
+      # Permute the (smaller) kernel rows to time-major instead of the features.
+      z = jnp.transpose(z, (0, 2, 3, 1, 4)).reshape(b, h, w, -1)  # (B, H, W, T*(C+K*K))
+      kernel = jnp.swapaxes(kernel.reshape(-1, t, kernel.shape[-1]), 0, 1).reshape(kernel.shape)
+    else:
+      z = jnp.transpose(z, (0, 2, 3, 4, 1)).reshape(b, h, w, -1)  # (B, H, W, (C+K*K)*T)
     phi = jnp.matmul(z, kernel).astype(jnp.float32)  # (B, H, W, O)
 
     # Step 7: each entry repeated factor_g times, read as (C, F, 2) -> filter (B, H, W, F, C).
@@ -233,11 +252,12 @@ class DTFBlock(nnx.Module):
     spec_r = jnp.stack(_mix_frames(fwd_re, frames), axis=3)
     spec_i = jnp.stack(_mix_frames(fwd_im, frames), axis=3)
 
-    # Step 8: modulation, then complex channel mixing as one real matmul on [re | im] rows.
-    modulated = jnp.concatenate([spec_r * psi_r - spec_i * psi_i,
-                                 spec_r * psi_i + spec_i * psi_r], axis=-1)  # (B, H, W, F, 2C)
-    modulated = jax.lax.optimization_barrier(modulated)
-    mixed = jnp.matmul(modulated, self.linear1.real_matrix(), precision=jax.lax.Precision.HIGHEST)
+    # Step 8: modulation, then complex channel mixing (ComplexLinear picks one real matmul on
+    # [re | im] rows or four matmuls by shape). The barriers keep XLA from recomputing the
+    # modulation and the normalisation's backward inside the weight-gradient transposes.
+    mod_r, mod_i = jax.lax.optimization_barrier((spec_r * psi_r - spec_i * psi_i,
+                                                 spec_r * psi_i + spec_i * psi_r))
+    mixed = jnp.stack(self.linear1(mod_r, mod_i), axis=-2)  # (B, H, W, F, 2, C)
     mixed = common.materialized_cotangent(mixed)
 
     # Step 9: one BatchNorm over real and imaginary parts (statistics over B, H, W, F, re/im).
