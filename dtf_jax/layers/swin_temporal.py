@@ -154,12 +154,23 @@ class SIFASwinTransformerBlock(_ClipBlockMixin, SwinTransformerBlock):
     return self.tda_norm(self._to_tokens(s.astype(x.dtype)))
 
   def tubelet_conv(self, x: Array) -> Array:
-    """``forward_vtc``: the 3-tap temporal conv of the tokens, ``(N*T', L, D)``."""
+    """``forward_vtc``: the 3-tap temporal conv of the tokens, ``(N*T', L, D)``.
+
+    ``y_t = x_{t-1} @ W_0 + x_t @ W_1 + x_{t+1} @ W_2`` (zero outside the clip) with
+    ``W_j = conv.kernel[0, j]``: three matmuls on the token rows as they are laid out, shifted
+    along the tubelet axis afterwards, instead of transposing the tokens to ``(N, L, T', D)`` for
+    a (1, 3) convolution and back (four full transposes per block with the backward pass).
+    """
     rows, length, c = x.shape
-    n = rows // self.clip_len
-    y = x.reshape(n, self.clip_len, length, c).transpose(0, 2, 1, 3)  # (N, L, T', D)
-    y = self.conv(y)
-    return y.transpose(0, 2, 1, 3).reshape(rows, length, c)
+    n, t = rows // self.clip_len, self.clip_len
+    kernel = self.conv.kernel[...]  # (1, 3, D_in, D_out)
+    dtype = self.conv.dtype or jnp.result_type(x, kernel)
+    frames = x.astype(dtype).reshape(n, t, length, c)
+    taps = [jnp.matmul(frames, kernel[0, j].astype(dtype)) for j in range(3)]  # (N, T', L, D)
+    zero = jnp.zeros_like(taps[0][:, :1])
+    y = (jnp.concatenate([zero, taps[0][:, :-1]], axis=1) + taps[1]
+         + jnp.concatenate([taps[2][:, 1:], zero], axis=1))
+    return y.reshape(rows, length, -1)
 
   def temporal_interaction(self, x: Array) -> Array:
     if self.shift_size:
