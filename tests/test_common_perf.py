@@ -195,3 +195,57 @@ def test_max_pool_3x3_stride2_matches_torch_including_ties(x64, shape):
   grad = vjp(jnp.asarray(g.transpose(0, 2, 3, 4, 1)))[0]
   np.testing.assert_allclose(np.asarray(grad), x_torch.grad.numpy().transpose(0, 2, 3, 4, 1),
                              rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('dtype', ('float64', 'float32', 'bfloat16'))
+def test_gelu_exact_matches_jax_gelu_value_and_gradient(x64, dtype):
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(5, 7)) * 3.0, dtype)
+  g = jnp.asarray(rng.normal(size=(5, 7)), dtype)
+  got, got_vjp = jax.vjp(common.gelu_exact, x)
+  want, want_vjp = jax.vjp(lambda a: jax.nn.gelu(a, approximate=False), x)
+  tol = {'float64': 1e-12, 'float32': 1e-6, 'bfloat16': 1e-2}[dtype]
+  assert got.dtype == want.dtype == x.dtype
+  np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64), rtol=tol,
+                             atol=tol)
+  np.testing.assert_allclose(np.asarray(got_vjp(g)[0], np.float64),
+                             np.asarray(want_vjp(g)[0], np.float64), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize('dtype', ('float64', 'float32', 'bfloat16'))
+def test_layer_norm_matches_nnx_layer_norm(x64, dtype):
+  """``common.LayerNorm`` (custom VJP) vs ``nnx.LayerNorm`` with the same parameters: values and
+  gradients w.r.t. input, scale and bias; the module keeps nnx.LayerNorm's parameter tree."""
+  rng = np.random.default_rng(8)
+  c = 6
+  fast = common.layer_norm(c, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
+  fast.use_fast_variance = False
+  plain = nnx.LayerNorm(c, epsilon=1e-5, dtype=jnp.dtype(dtype), param_dtype=jnp.float32,
+                        use_fast_variance=False, rngs=nnx.Rngs(0))
+  assert isinstance(fast, nnx.LayerNorm)
+  assert set(nnx.state(fast, nnx.Param).keys()) == set(nnx.state(plain, nnx.Param).keys())
+  scale = jnp.asarray(rng.normal(size=(c,)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(c,)), jnp.float32)
+  for module in (fast, plain):
+    module.scale[...] = scale
+    module.bias[...] = bias
+  x = jnp.asarray(rng.normal(size=(2, 5, c)) * 3.0 + 1.0, dtype)
+  g = jnp.asarray(rng.normal(size=(2, 5, c)), dtype)
+
+  def value_and_grads(module):
+    graphdef, params = nnx.split(module)
+    params = nnx.as_pure(params)
+    y, vjp = jax.vjp(lambda p, a: nnx.merge(graphdef, p)(a), params, x)
+    return y, vjp(g)
+
+  y_fast, (dm_fast, dx_fast) = value_and_grads(fast)
+  y_plain, (dm_plain, dx_plain) = value_and_grads(plain)
+  assert y_fast.dtype == y_plain.dtype
+  tol = {'float64': 1e-11, 'float32': 2e-5, 'bfloat16': 5e-2}[dtype]
+  as64 = lambda a: np.asarray(jnp.asarray(a, jnp.float64) if dtype == 'float64' else
+                              jnp.asarray(a, jnp.float32))
+  np.testing.assert_allclose(as64(y_fast), as64(y_plain), rtol=tol, atol=tol)
+  np.testing.assert_allclose(as64(dx_fast), as64(dx_plain), rtol=tol, atol=tol)
+  for name in ('scale', 'bias'):
+    np.testing.assert_allclose(as64(dm_fast[name]), as64(dm_plain[name]),
+                               rtol=tol, atol=tol * 10)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -266,9 +267,111 @@ def linear(
   )
 
 
+def _layer_norm_forward(x, scale, bias, epsilon):
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  xf = x.astype(dtype)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+  inv = jax.lax.rsqrt(var + epsilon)
+  return (xf - mean) * (inv * scale) + bias, mean, inv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm_last_axis(x: Array, scale: Array, bias: Array, epsilon: float) -> Array:
+  """``(x - mean) * rsqrt(var + eps) * scale + bias`` over the last axis (two-pass variance).
+
+  Statistics and the result in ``promote_types(x.dtype, float32)``. The backward recomputes the
+  normalised input from ``x`` and the per-row statistics (closed form, like ``batch_norm_train``),
+  so no normalised copy or broadcast scale is kept alive until the backward pass.
+  """
+  return _layer_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  y, mean, inv = _layer_norm_forward(x, scale, bias, epsilon)
+  return y, (x, scale, mean, inv)
+
+
+def _layer_norm_bwd(epsilon, residuals, g):
+  del epsilon
+  (x, scale, mean, inv), g = jax.lax.optimization_barrier((residuals, g))
+  dtype = mean.dtype
+  xhat = (x.astype(dtype) - mean) * inv
+  g = g.astype(dtype)
+  lead = tuple(range(x.ndim - 1))
+  dscale = jnp.sum(g * xhat, axis=lead).astype(scale.dtype)
+  dbias = jnp.sum(g, axis=lead).astype(scale.dtype)
+  dxhat = g * scale
+  dx = inv * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
+              - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
+  return dx.astype(x.dtype), dscale, dbias
+
+
+layer_norm_last_axis.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nnx.LayerNorm):
+  """``nnx.LayerNorm`` (same parameters, attributes and values) with ``layer_norm_last_axis``.
+
+  The plain last-axis case with scale and bias and the two-pass variance
+  (``use_fast_variance = False``, as PyTorch) runs through the custom-VJP function; every other
+  configuration falls back to ``nnx.LayerNorm``.
+  """
+
+  def __call__(self, x, *, mask=None):
+    plain = (mask is None and not self.use_fast_variance and self.axis_name is None
+             and self.scale is not None and self.bias is not None
+             and tuple(np.atleast_1d(self.reduction_axes)) == (-1,)
+             and tuple(np.atleast_1d(self.feature_axes)) == (-1,))
+    if not plain:
+      return super().__call__(x, mask=mask)
+    x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+    out_dtype = jnp.result_type(x, scale, bias) if self.dtype is None else self.dtype
+    return layer_norm_last_axis(x, scale, bias, self.epsilon).astype(out_dtype)
+
+
 def layer_norm(num_features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """PyTorch ``nn.LayerNorm`` (eps 1e-5, weight 1, bias 0). Statistics are computed in float32."""
-  return nnx.LayerNorm(num_features, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+  """PyTorch ``nn.LayerNorm`` (eps 1e-5, weight 1, bias 0). Statistics are computed in float32.
+
+  Returns a ``LayerNorm`` (an ``nnx.LayerNorm`` with a leaner backward once
+  ``use_fast_variance`` is turned off, as ``swin_layer_norm`` does).
+  """
+  return LayerNorm(num_features, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations.
+# ----------------------------------------------------------------------------------------------
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@jax.custom_vjp
+def gelu_exact(x: Array) -> Array:
+  """PyTorch's default (exact, erf) GELU ``x * Phi(x)`` = ``jax.nn.gelu(x, approximate=False)``.
+
+  Same value as ``jax.nn.gelu``; the backward ``g * (Phi(x) + x * phi(x))`` is recomputed from the
+  saved input, so only ``x`` is kept for it (autodiff of the erfc formula kept two extra
+  activation-sized intermediates per MLP alive until the backward pass: ~140 MB in Swin-S).
+  """
+  return 0.5 * x * jax.lax.erfc(-x * jnp.asarray(_SQRT_HALF, x.dtype))
+
+
+def _gelu_fwd(x):
+  return gelu_exact(x), x
+
+
+def _gelu_bwd(x, g):
+  x, g = jax.lax.optimization_barrier((x, g))  # recompute here, do not keep forward values
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  xf = x.astype(dtype)
+  cdf = 0.5 * jax.lax.erfc(-xf * _SQRT_HALF)
+  pdf = jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI
+  return ((g.astype(dtype) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
