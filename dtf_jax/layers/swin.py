@@ -139,6 +139,47 @@ def window_reverse(windows, window_size: int, height: int, width: int):
 # Attention, MLP, block.
 # ----------------------------------------------------------------------------------------------
 
+def _biased_softmax_forward(logits, bias, mask):
+  b_, nh, n, _ = logits.shape
+  z = logits + bias[None]
+  if mask is not None:
+    nw = mask.shape[0]
+    z = (z.reshape(b_ // nw, nw, nh, n, n) + mask[None, :, None]).reshape(b_, nh, n, n)
+  return jax.nn.softmax(z, axis=-1)
+
+
+@jax.custom_vjp
+def biased_softmax(logits: Array, bias: Array, mask: Array | None) -> Array:
+  """``softmax(logits + B + M)`` over the last axis, the attention weights of a window.
+
+  Args:
+    logits: ``(B * nW, nh, N, N)`` float32 (windows of one image consecutive).
+    bias: ``(nh, N, N)`` relative position bias (differentiable).
+    mask: ``(nW, N, N)`` constant shift mask, or None.
+
+  Returns:
+    ``(B * nW, nh, N, N)`` float32. The backward uses only the output ``y``
+    (``dz = y * (g - sum(y * g))``, ``dbias = sum over windows of dz``), so neither the logits nor
+    the broadcast bias / mask are kept for it (autodiff kept two more attention-sized arrays).
+  """
+  return _biased_softmax_forward(logits, bias, mask)
+
+
+def _biased_softmax_fwd(logits, bias, mask):
+  y = _biased_softmax_forward(logits, bias, mask)
+  return y, (y, mask)
+
+
+def _biased_softmax_bwd(residuals, g):
+  y, mask = residuals
+  dz = y * (g - jnp.sum(y * g, axis=-1, keepdims=True))
+  dmask = None if mask is None else jnp.zeros_like(mask)
+  return dz, jnp.sum(dz, axis=0), dmask
+
+
+biased_softmax.defvjp(_biased_softmax_fwd, _biased_softmax_bwd)
+
+
 class WindowAttention(nnx.Module):
   """Multi-head self-attention inside ``ws x ws`` windows with a relative position bias.
 
@@ -182,12 +223,8 @@ class WindowAttention(nnx.Module):
     q, k, v = qkv[0], qkv[1], qkv[2]
     q = q * jnp.asarray(self.scale, q.dtype)
     logits = jnp.einsum("bhnd,bhmd->bhnm", q, k, preferred_element_type=jnp.float32)
-    logits = logits.astype(jnp.float32) + self.relative_position_bias()[None]
-    if mask is not None:
-      nw = mask.shape[0]
-      logits = logits.reshape(b_ // nw, nw, nh, n, n) + jnp.asarray(mask)[None, :, None]
-      logits = logits.reshape(b_, nh, n, n)
-    attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    attn = biased_softmax(logits.astype(jnp.float32), self.relative_position_bias(),
+                          None if mask is None else jnp.asarray(mask)).astype(v.dtype)
     out = jnp.einsum("bhnm,bhmd->bnhd", attn, v).reshape(b_, n, c)
     return self.proj(out)
 
@@ -201,7 +238,7 @@ class Mlp(nnx.Module):
     self.fc2 = swin_linear(hidden_features, in_features, init=init, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return self.fc2(common.gelu_exact(self.fc1(x)))
 
 
 def effective_window(resolution: tuple[int, int], window_size: int, shift_size: int
