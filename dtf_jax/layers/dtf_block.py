@@ -28,7 +28,6 @@ Parameter tree (mirrors the PyTorch ``DTFBlock`` of the original code):
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -108,33 +107,21 @@ class ComplexLinear(nnx.Module):
   def __call__(self, real: Array, imag: Array) -> tuple[Array, Array]:
     """``real``, ``imag``: ``(..., C_in)`` float32 -> ``(..., C_out)`` real and imaginary parts.
 
-    Two equivalent evaluations, chosen by shape (static): with many rows, one matmul of
-    ``[re | im]`` by the real ``(2*C_in, 2*C_out)`` form of the map (one large GEMM); with few rows
-    (deep stages: 4x4 maps, 512 channels), where building and transposing that matrix would cost
-    more than the products, four matmuls against the stored ``(C_out, C_in)`` planes (no
-    transposes of the weight, forward or backward).
-    """
-    c_out, c_in = self.complex_weight.shape[:2]
-    rows = math.prod(real.shape[:-1])
-    hi = jax.lax.Precision.HIGHEST
-    if rows >= 4 * c_in:
-      out = jnp.matmul(jnp.concatenate([real, imag], axis=-1), self.real_matrix(), precision=hi)
-      return out[..., :c_out], out[..., c_out:]
-    w = self.complex_weight[...]
-    wr, wi = w[..., 0], w[..., 1]  # (C_out, C_in)
-    times = lambda a, b: jax.lax.dot_general(  # a @ b.T
-        a, b, (((a.ndim - 1,), (1,)), ((), ())), precision=hi)
-    return times(real, wr) - times(imag, wi), times(real, wi) + times(imag, wr)
-
-  def real_matrix(self) -> Array:
-    """The complex map as one real ``(2*C_in, 2*C_out)`` matrix acting on ``[real | imag]`` rows.
-
-    ``[Re V | Im V] = [Re P | Im P] @ [[Wr^T, Wi^T], [-Wi^T, Wr^T]]``: one matmul instead of four.
+    Three real matmuls instead of four (Gauss): with ``W = A + iB`` and ``P = p + iq``,
+    ``k1 = (p + q) A^T``, ``k2 = p (B - A)^T``, ``k3 = q (A + B)^T``, ``Re V = k1 - k3``,
+    ``Im V = k1 + k2``: 25% fewer FLOPs forward and backward (the map is the DTF block's largest
+    cost: 2 GFLOP per Swin-S stage-3 block step). The matmuls contract against the stored
+    ``(C_out, C_in)`` planes (no weight transposes). Rounding differs from the four-product form
+    at float32 level (relative ~1e-7 of ``|A| |P|``).
     """
     w = self.complex_weight[...]
-    wr, wi = w[..., 0].T, w[..., 1].T  # (C_in, C_out)
-    return jnp.concatenate([jnp.concatenate([wr, wi], axis=1),
-                            jnp.concatenate([-wi, wr], axis=1)], axis=0)
+    a, b = w[..., 0], w[..., 1]  # (C_out, C_in)
+    times = lambda x, m: jax.lax.dot_general(  # x @ m.T
+        x, m, (((x.ndim - 1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+    k1 = times(real + imag, a)
+    k2 = times(real, b - a)
+    k3 = times(imag, a + b)
+    return k1 - k3, k1 + k2
 
 
 class FFTBatchNorm(nnx.Module):
