@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import jax.test_util  # noqa: F401  (check_grads)
 import numpy as np
 import pytest
 from flax import nnx
@@ -41,6 +42,8 @@ CASES = (
     ((1, 2, 5, 6, 4), 6, (1, 3, 3), (1, 1, 1), (0, 1, 1), 2, True),    # grouped (ResNeXt)
     ((1, 9, 9, 8, 3), 4, (4, 7, 7), (4, 2, 2), (0, 3, 3), 1, True),    # ResNet stem, T % 4 != 0
     ((2, 8, 8, 12, 3), 5, (4, 4, 4), (4, 4, 4), (0, 0, 0), 1, True),   # Swin tubelet: matmul
+    ((1, 2, 3, 3, 6), 24, (1, 3, 3), (1, 1, 1), (0, 1, 1), 1, True),   # small map: tap backward
+    ((2, 1, 2, 3, 5), 16, (1, 5, 3), (1, 1, 1), (0, 2, 1), 1, True),   # small map, 5x3 kernel
     ((1, 4, 5, 6, 3), 2, (3, 3, 3), (1, 1, 1), (1, 1, 1), 1, False),  # true 3-D conv
     ((1, 4, 5, 6, 3), 2, (1, 3, 3), (1, 1, 1), (1, 1, 1), 1, False),  # temporal padding
 )
@@ -99,6 +102,30 @@ def test_conv3d_module_uses_the_fast_path_and_keeps_its_parameters():
   want = _reference(x, conv.kernel[...], (1, 2, 2), (0, 1, 1), 1) + conv.bias[...]
   np.testing.assert_allclose(conv(x), want, rtol=1e-5, atol=1e-5)
   assert not _has_3d_conv(jax.make_jaxpr(conv)(x).jaxpr)
+
+
+def test_small_map_conv_is_used_only_where_positions_do_not_exceed_channels():
+  """Few positions, many channels: the per-tap backward; otherwise XLA's convolution."""
+  def uses_tap_backward(shape, out):
+    x = jnp.zeros(shape, jnp.float32)
+    kernel = jnp.zeros((1, 3, 3, shape[-1], out), jnp.float32)
+    return 'custom_vjp_call' in str(jax.make_jaxpr(
+        lambda a, b: _fast(a, b, (1, 1, 1), (0, 1, 1), 1))(x, kernel))
+  assert uses_tap_backward((2, 4, 4, 4, 8), 128)        # 128 positions <= 128 channels
+  assert not uses_tap_backward((2, 4, 4, 5, 8), 128)    # 160 positions > 128 channels
+  assert not uses_tap_backward((2, 4, 4, 4, 128), 64)
+
+
+def test_small_map_conv2d_gradients_match_finite_differences(x64):
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(2, 3, 4, 5)))
+  kernel = jnp.asarray(rng.normal(size=(3, 5, 5, 7)))
+  jax.test_util.check_grads(common.small_map_conv2d, (x, kernel), order=1, modes=('rev',))
+  np.testing.assert_allclose(
+      common.small_map_conv2d(x, kernel),
+      jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (2, 2)),
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC')),
+      rtol=1e-12, atol=1e-12)
 
 
 def test_bfloat16_inputs_keep_their_dtype():
