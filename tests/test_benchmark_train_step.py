@@ -1,0 +1,73 @@
+"""``benchmarks/train_step.py`` runs end to end and its tables report what was measured.
+
+A smoke run of the real script on the smallest network at a tiny size (one timed repeat), then the
+table arithmetic on made-up rows: ratios, overheads over the C2D baseline and the FLOP bound are
+recomputed here from the raw fields, independently of ``format_table``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import pytest
+
+pytest.importorskip('torch')
+
+_BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+sys.path.insert(0, _BENCHMARKS)
+import train_step  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_smoke_run_prints_the_table_and_writes_consistent_rows(tmp_path, capsys):
+  import torch  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'rows.json'
+  threads = str(torch.get_num_threads())  # keep this worker's torch thread count as it is
+  assert train_step.main(['--models', 'c2d_resnet50', '--repeats', '1', '--warmup', '0',
+                          '--batch', '1', '--image-size', '32', '--threads', threads,
+                          '--json', str(out)]) == 0
+  printed = capsys.readouterr().out
+  assert re.search(r'\| c2d_resnet50 \| 1x16x32² \| train \| \d+ \| \d+ \| [\d.]+ \|', printed)
+  saved = json.loads(out.read_text())
+  (row,) = saved['rows']
+  for kind in ('forward', 'train'):
+    assert row[f'jax_{kind}_ms'] > 0 and row[f'torch_{kind}_ms'] > 0
+    assert row[f'{kind}_ratio'] == pytest.approx(row[f'jax_{kind}_ms'] / row[f'torch_{kind}_ms'])
+    assert row[f'{kind}_flops'] > 0
+  assert saved['matmul_peak_flops'] > 0
+  # Reprinting from the JSON gives the same tables.
+  assert train_step.main(['--from-json', str(out)]) == 0
+  reprinted = capsys.readouterr().out
+  assert train_step.format_table(saved['rows'], saved['matmul_peak_flops']) in reprinted
+
+
+def _row(model, torch_ms, jax_ms, flops):
+  row = dict(model=model, batch=2, frames=16, image_size=112, forward_flops=flops / 3,
+             train_flops=flops, forward_compile_s=1.0, train_compile_s=2.0,
+             torch_train_cpu_ms=2 * torch_ms, jax_train_cpu_ms=2 * jax_ms,
+             torch_train_peak_bytes=3 * 2**20, jax_train_peak_bytes=2 * 2**20)
+  for kind, scale in (('forward', 0.25), ('train', 1.0)):
+    row[f'torch_{kind}_ms'] = torch_ms * scale
+    row[f'jax_{kind}_ms'] = jax_ms * scale
+    row[f'{kind}_ratio'] = jax_ms / torch_ms
+    row[f'jax_{kind}_flops_per_s'] = row[f'{kind}_flops'] / (jax_ms * scale / 1e3)
+  return row
+
+
+def test_overheads_and_targets_are_computed_from_the_rows():
+  rows = [_row('c2d_resnet50', 600.0, 500.0, 50e9),
+          _row('c2d_sifa_resnet50', 1300.0, 800.0, 70e9)]
+  train_step.add_temporal_overheads(rows)
+  sifa = rows[1]
+  assert sifa['torch_train_overhead_ms'] == pytest.approx(700.0)
+  assert sifa['jax_train_overhead_ms'] == pytest.approx(300.0)
+  assert sifa['overhead_ratio'] == pytest.approx(3 / 7)
+  peak = 200e9
+  table = train_step.format_table(rows, peak)
+  assert '| c2d_sifa_resnet50 | +700 | +300 | 0.43 |' in table
+  # Target 1.5x: needs 1300 / 1.5 = 867 ms; FLOP bound 70e9 / 200e9 = 350 ms = 40% of 867 ms;
+  # reached 1300 / 800 = 1.62x, bound share of the dtf_jax time 350 / 800 = 44%.
+  assert '| c2d_sifa_resnet50 | 1.5x | 1.62x | 867 | 350 | 40% | 44% |' in table
+  assert 'c2d_resnet50 | 1.5x' not in table  # the baseline has no target
