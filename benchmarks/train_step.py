@@ -135,8 +135,14 @@ class PeakMemory:
       return
     if self._libc is not None:
       self._libc.malloc_trim(0)
-    with open('/proc/self/clear_refs', 'w') as f:
-      f.write('5')  # reset the resident-set high-water mark to the current resident set
+    try:
+      with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # reset the resident-set high-water mark to the current resident set
+    except OSError:  # not Linux, or /proc read-only: the mark then spans the whole process
+      if not getattr(self, '_warned', False):
+        print('warning: cannot reset the RSS high-water mark (/proc/self/clear_refs); peak '
+              'memory figures are process-wide peaks', file=sys.stderr)
+        self._warned = True
     self._base = self._status_kib('VmRSS')
 
   def stop(self, framework: str) -> float:
