@@ -19,6 +19,8 @@ import time
 import numpy as np
 import pytest
 
+from dtf_jax.train import metrics
+
 TIMEOUT = 240
 
 
@@ -48,13 +50,7 @@ def run(workdir, *overrides, devices=1, extra=()):
 
 
 def losses(workdir):
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      if r["split"] == "train":
-        out[r["step"]] = r["loss"]
-  return out
+  return {step: r["loss"] for step, r in metrics.read_metrics(workdir).items()}
 
 
 def free_port():

@@ -4,7 +4,6 @@ Gradient accumulation, non-finite stop, resume + evaluation from a checkpoint, i
 from a model-state directory, two-head models.
 """
 
-import json
 import os
 
 import jax
@@ -16,6 +15,7 @@ from flax import nnx
 from dtf_jax.train import checkpointing
 from dtf_jax.train import durations as durations_lib
 from dtf_jax.train import mesh as mesh_lib
+from dtf_jax.train import metrics as metrics_lib
 from dtf_jax.train import optim
 from dtf_jax.train import steps as steps_lib
 from dtf_jax.train import testing
@@ -23,17 +23,6 @@ from dtf_jax.train import train_state as train_state_lib
 from dtf_jax.train import trainer
 
 testing.register_tiny_model()
-
-
-def read_metrics(workdir, split="train"):
-  """Last logged record per step (a resumed run re-logs the steps after its checkpoint)."""
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      if r["split"] == split:
-        out[r["step"]] = r
-  return out
 
 
 def build_step(config, mesh, accumulation="auto"):
@@ -126,7 +115,7 @@ def test_resume_continues_and_evaluate_checkpoint_matches(tmp_path):
   ckpt = checkpointing.TrainCheckpointer(tmp_path / "checkpoints")
   assert ckpt.all_steps() == [2, 4, 6]
   ckpt.close()
-  logged = read_metrics(tmp_path)
+  logged = metrics_lib.read_metrics(tmp_path)
   assert sorted(logged) == [1, 2, 3, 4, 5, 6]
   # Two heads: the loss is CE(main) + CE(dual), about 2 ln 3 at the start.
   assert 1.6 < logged[1]["loss"] < 2.8

@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 
+from dtf_jax.train import metrics
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 420
 
@@ -36,13 +38,7 @@ def overrides(cache):
 
 
 def train_losses(workdir):
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      if r["split"] == "train":
-        out[r["step"]] = r["loss"]
-  return out
+  return {step: r["loss"] for step, r in metrics.read_metrics(workdir).items()}
 
 
 @pytest.mark.slow

@@ -51,6 +51,20 @@ class MetricWriter:
       self._jsonl.close()
 
 
+def read_metrics(workdir: str, split: str = "train") -> dict[int, dict]:
+  """The records of ``split`` in ``workdir/metrics.jsonl`` by step (``MetricWriter``'s file).
+
+  A resumed run re-logs the steps after its checkpoint; the last record of a step wins.
+  """
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      record = json.loads(line)
+      if record["split"] == split:
+        out[record["step"]] = record
+  return out
+
+
 def format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
