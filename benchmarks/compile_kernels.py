@@ -30,13 +30,7 @@ from kernels import stages  # pylint: disable=g-import-not-at-top,wrong-import-p
 
 
 def abstract_args(op: str, stage: stages.Stage, dtype):
-  n, t, h, w, c = stage.x_shape
-  s = jax.ShapeDtypeStruct
-  x, weight = s(stage.x_shape, dtype), s((t, 3, 3, c), jnp.float32)
-  attn, offsets = s((n, t, h, w, 9), dtype), s((n, t, h, w, 9, 2), dtype)
-  return {'temporal_correlation': (x, weight), 'temporal_aggregation': (x, attn),
-          'frame_wise_aggregation': (x, weight), 'deformable_correlation': (x, offsets, weight),
-          'deformable_aggregation': (x, offsets, attn)}[op]
+  return tuple(stages.op_argument_specs(op, stage.x_shape, dtype).values())
 
 
 def forward_and_vjp(op: str):

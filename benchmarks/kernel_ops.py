@@ -40,18 +40,10 @@ SMALL_SHAPES = ((2, 4, 14, 14, 64), (2, 4, 28, 28, 32))
 
 
 def make_args(op: str, shape, dtype, rng):
-  n, t, h, w, c = shape
-  x = jnp.asarray(rng.standard_normal(shape), dtype)
-  weight = jnp.asarray(rng.standard_normal((t, 3, 3, c)) / np.sqrt(c), jnp.float32)
-  attn = jnp.asarray(rng.standard_normal((n, t, h, w, 9)), dtype)
-  offsets = jnp.asarray(2 * rng.standard_normal((n, t, h, w, 9, 2)), dtype)
-  return {
-      'temporal_correlation': (x, weight),
-      'temporal_aggregation': (x, attn),
-      'frame_wise_aggregation': (x, weight),
-      'deformable_correlation': (x, offsets, weight),
-      'deformable_aggregation': (x, offsets, attn),
-  }[op]
+  """Random arguments of ``op``: normal, the weight scaled by 1/sqrt(C), offsets of +-2 pixels."""
+  scale = {'weight': 1 / np.sqrt(shape[-1]), 'offsets': 2.0}
+  return tuple(jnp.asarray(scale.get(name, 1.0) * rng.standard_normal(spec.shape), spec.dtype)
+               for name, spec in stages.op_argument_specs(op, shape, dtype).items())
 
 
 def nbytes(tree) -> int:

@@ -117,6 +117,7 @@ class PeakMemory:
 
   def __init__(self, on_gpu: bool):
     self.on_gpu = on_gpu
+    self._warned = False
     try:
       self._libc = ctypes.CDLL('libc.so.6')
     except OSError:
@@ -139,7 +140,7 @@ class PeakMemory:
       with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')  # reset the resident-set high-water mark to the current resident set
     except OSError:  # not Linux, or /proc read-only: the mark then spans the whole process
-      if not getattr(self, '_warned', False):
+      if not self._warned:
         print('warning: cannot reset the RSS high-water mark (/proc/self/clear_refs); peak '
               'memory figures are process-wide peaks', file=sys.stderr)
         self._warned = True
@@ -386,6 +387,11 @@ def add_temporal_overheads(rows: list[dict]) -> None:
       row['overhead_ratio'] = row['jax_train_overhead_ms'] / row['torch_train_overhead_ms']
 
 
+# The goals for the training step: PyTorch time / dtf_jax time.
+SPEEDUP_TARGETS = {'c2d_dtf_resnet50': 1.5, 'c2d_sifa_resnet50': 1.5,
+                   'c2d_dtf_swin_vit_s_p4_w7': 1.5, 'c2d_sifa_swin_vit_s_p4_w7': 3.0}
+
+
 def format_table(rows: list[dict], peak_flops: float) -> str:
   head = ('| network | input | step | PyTorch ms | dtf_jax ms | JAX/PyTorch | dtf_jax clips/s | '
           'PyTorch peak MiB | dtf_jax peak MiB | dtf_jax GFLOP/s (% of matmul) |')
@@ -428,10 +434,6 @@ def format_table(rows: list[dict], peak_flops: float) -> str:
                    f'{100 * bound_ms / r["jax_train_ms"]:.0f}% |')
   return '\n'.join(lines)
 
-
-# The goals for the training step: PyTorch time / dtf_jax time.
-SPEEDUP_TARGETS = {'c2d_dtf_resnet50': 1.5, 'c2d_sifa_resnet50': 1.5,
-                   'c2d_dtf_swin_vit_s_p4_w7': 1.5, 'c2d_sifa_swin_vit_s_p4_w7': 3.0}
 
 
 def main(argv: list[str] | None = None) -> int:

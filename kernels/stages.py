@@ -1,6 +1,6 @@
 """Where the kernels run in the released networks: the real op shapes at 224x224, 16 frames.
 
-One place for the stage shapes used by the CUDA lowering tests (tests/test_kernels_lowering.py),
+One place for the stage shapes and op argument shapes (``op_argument_specs``) used by the CUDA lowering tests (tests/test_kernels_lowering.py),
 the roofline table (benchmarks/roofline.py) and the benchmark (benchmarks/kernel_ops.py).
 SPEC.md 4.5: after the stem T = 16/4 = 4; the SIFA dual branch runs at T = 2.
 
@@ -14,6 +14,9 @@ SPEC.md 4.5: after the stem T = 16/4 = 4; the SIFA dual branch runs at T = 2.
 from __future__ import annotations
 
 import dataclasses
+
+import jax
+import jax.numpy as jnp
 
 BATCH = 8
 
@@ -50,3 +53,24 @@ SIFA_RESNET50 = (
 
 DTF_STAGES = DTF_RESNET50 + DTF_SWIN_B
 SIFA_STAGES = SIFA_RESNET50
+
+
+def op_argument_specs(op: str, x_shape, dtype=jnp.bfloat16) -> dict[str, jax.ShapeDtypeStruct]:
+  """The positional arguments of ``dtf_jax.ops.<op>`` (K = 3) for ``x`` of ``x_shape``, in order.
+
+  ``x``, ``attn`` and ``offsets`` in ``dtype``; the correlation ``weight`` ``(T, 3, 3, C)`` is
+  float32 as in the models. ``tuple(specs.values())`` is the argument list.
+  """
+  n, t, h, w, c = x_shape
+  spec = jax.ShapeDtypeStruct
+  x = spec(tuple(x_shape), dtype)
+  weight = spec((t, 3, 3, c), jnp.float32)
+  attn = spec((n, t, h, w, 9), dtype)
+  offsets = spec((n, t, h, w, 9, 2), dtype)
+  return {
+      'temporal_correlation': dict(x=x, weight=weight),
+      'temporal_aggregation': dict(x=x, attn=attn),
+      'frame_wise_aggregation': dict(x=x, weight=weight),
+      'deformable_correlation': dict(x=x, offsets=offsets, weight=weight),
+      'deformable_aggregation': dict(x=x, offsets=offsets, attn=attn),
+  }[op]

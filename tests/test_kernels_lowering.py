@@ -41,19 +41,7 @@ def forward_and_vjp(op, impl):
 
 
 def abstract_inputs(op: str, stage: stages.Stage, dtype=jnp.bfloat16):
-  n, t, h, w, c = stage.x_shape
-  s = jax.ShapeDtypeStruct
-  x = s(stage.x_shape, dtype)
-  weight = s((t, 3, 3, c), jnp.float32)
-  attn = s((n, t, h, w, 9), dtype)
-  offsets = s((n, t, h, w, 9, 2), dtype)
-  return {
-      'temporal_correlation': (x, weight),
-      'temporal_aggregation': (x, attn),
-      'frame_wise_aggregation': (x, weight),
-      'deformable_correlation': (x, offsets, weight),
-      'deformable_aggregation': (x, offsets, attn),
-  }[op]
+  return tuple(stages.op_argument_specs(op, stage.x_shape, dtype).values())
 
 
 # Forward kernels + backward kernels per op (the fused backward is two kernels).
