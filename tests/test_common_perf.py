@@ -44,6 +44,8 @@ CASES = (
     ((2, 8, 8, 12, 3), 5, (4, 4, 4), (4, 4, 4), (0, 0, 0), 1, True),   # Swin tubelet: matmul
     ((1, 2, 3, 3, 6), 24, (1, 3, 3), (1, 1, 1), (0, 1, 1), 1, True),   # small map: tap backward
     ((2, 1, 2, 3, 5), 16, (1, 5, 3), (1, 1, 1), (0, 2, 1), 1, True),   # small map, 5x3 kernel
+    ((1, 2, 5, 4, 6), 24, (1, 3, 3), (1, 2, 2), (0, 1, 1), 1, True),   # small map, stride 2 (odd/even)
+    ((2, 1, 7, 5, 3), 16, (1, 3, 5), (1, 3, 2), (0, 1, 2), 1, True),   # small map, strides 3 and 2
     ((1, 4, 5, 6, 3), 2, (3, 3, 3), (1, 1, 1), (1, 1, 1), 1, False),  # true 3-D conv
     ((1, 4, 5, 6, 3), 2, (1, 3, 3), (1, 1, 1), (1, 1, 1), 1, False),  # temporal padding
 )
@@ -106,24 +108,29 @@ def test_conv3d_module_uses_the_fast_path_and_keeps_its_parameters():
 
 def test_small_map_conv_is_used_only_where_positions_do_not_exceed_channels():
   """Few positions, many channels: the per-tap backward; otherwise XLA's convolution."""
-  def uses_tap_backward(shape, out):
+  def uses_tap_backward(shape, out, stride=1):
     x = jnp.zeros(shape, jnp.float32)
     kernel = jnp.zeros((1, 3, 3, shape[-1], out), jnp.float32)
     return 'custom_vjp_call' in str(jax.make_jaxpr(
-        lambda a, b: _fast(a, b, (1, 1, 1), (0, 1, 1), 1))(x, kernel))
+        lambda a, b: _fast(a, b, (1, stride, stride), (0, 1, 1), 1))(x, kernel))
   assert uses_tap_backward((2, 4, 4, 4, 8), 128)        # 128 positions <= 128 channels
   assert not uses_tap_backward((2, 4, 4, 5, 8), 128)    # 160 positions > 128 channels
   assert not uses_tap_backward((2, 4, 4, 4, 128), 64)
+  # Strided: the output positions count (ResNet layer4's first block: 7x7 -> 4x4).
+  assert uses_tap_backward((2, 4, 7, 7, 8), 128, stride=2)        # 2*4*4*4 = 128 outputs
+  assert not uses_tap_backward((2, 4, 9, 7, 8), 128, stride=2)    # 2*4*5*4 = 160 outputs
 
 
-def test_small_map_conv2d_gradients_match_finite_differences(x64):
+@pytest.mark.parametrize('strides', [(1, 1), (2, 2), (2, 3)])
+def test_small_map_conv2d_gradients_match_finite_differences(x64, strides):
   rng = np.random.default_rng(11)
-  x = jnp.asarray(rng.normal(size=(2, 3, 4, 5)))
+  x = jnp.asarray(rng.normal(size=(2, 5, 4, 5)))
   kernel = jnp.asarray(rng.normal(size=(3, 5, 5, 7)))
-  jax.test_util.check_grads(common.small_map_conv2d, (x, kernel), order=1, modes=('rev',))
+  conv = lambda a, b: common.small_map_conv2d(a, b, None, strides)
+  jax.test_util.check_grads(conv, (x, kernel), order=1, modes=('rev',))
   np.testing.assert_allclose(
-      common.small_map_conv2d(x, kernel),
-      jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (2, 2)),
+      conv(x, kernel),
+      jax.lax.conv_general_dilated(x, kernel, strides, ((1, 1), (2, 2)),
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC')),
       rtol=1e-12, atol=1e-12)
 

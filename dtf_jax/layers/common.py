@@ -132,57 +132,72 @@ materialized_cotangent.defvjp(_materialized_cotangent_fwd, _materialized_cotange
 
 _NDHWC = ("NDHWC", "DHWIO", "NDHWC")
 
-
 def _pairs(values, n):
   return tuple((1,) * n if values is None else tuple(values))
 
 
-def _same_conv2d(x: Array, kernel: Array, precision) -> Array:
+def _same_conv2d(x: Array, kernel: Array, strides: tuple[int, int], precision) -> Array:
   kh, kw = kernel.shape[:2]
   return jax.lax.conv_general_dilated(
-      x, kernel, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
+      x, kernel, strides, ((kh // 2, kh // 2), (kw // 2, kw // 2)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def small_map_conv2d(x: Array, kernel: Array, precision=None) -> Array:
-  """Stride-1 'same' 2-D conv (odd kernel) whose backward is one matmul pair per kernel tap.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def small_map_conv2d(x: Array, kernel: Array, precision=None, strides: tuple[int, int] = (1, 1)) -> Array:
+  """'Same'-padded 2-D conv (odd kernel, padding k//2) whose backward is one matmul pair per tap.
 
-  ``x (N, H, W, C)``, ``kernel (kh, kw, C, O)`` -> ``(N, H, W, O)``; same values as
-  ``lax.conv_general_dilated``. Meant for small feature maps with many channels (ResNet layer4 and
-  SIFA's dual branch at 112-224 px: 4x4 to 14x14 positions, 512 channels): there XLA:CPU's
-  backward convolutions first re-lay the whole ``(kh, kw, C, O)`` kernel (a 9 MiB transpose that
-  runs at ~1-2 GB/s, as long as the convolution itself) and run the input gradient at 70-105
-  GFLOP/s. Here ``dx = sum_k shift_k(dy) @ W_k^T`` and ``dW_k = shift_k(x)^T @ dy`` contract the
-  stored kernel planes directly (``benchmarks/README.md``: 1.3-1.8x faster backward at these
-  shapes). The forward is XLA's convolution.
+  ``x (N, H, W, C)``, ``kernel (kh, kw, C, O)`` -> ``(N, H', W', O)`` with ``H' = ceil(H / sh)``;
+  same values as ``lax.conv_general_dilated``. Meant for small feature maps with many channels
+  (ResNet layer4, including its first, strided block, and SIFA's dual branch at 112-224 px: 4x4 to
+  14x14 positions, 512 channels): there XLA:CPU's backward convolutions first re-lay the whole
+  ``(kh, kw, C, O)`` kernel (a 9 MiB transpose that runs at ~1-2 GB/s, as long as the
+  convolution itself) and run the input gradient at 70-105 GFLOP/s. Here
+  ``dx = sum_k place_k(dy @ W_k^T)`` and ``dW_k = window_k(x)^T @ dy`` contract the stored kernel
+  planes directly (``benchmarks/README.md``: 1.3-1.8x faster backward at these shapes);
+  ``window_k`` reads the input positions tap k meets (every ``s``-th one for stride ``s``) and
+  ``place_k`` is its transpose. The forward is XLA's convolution.
   """
-  return _same_conv2d(x, kernel, precision)
+  return _same_conv2d(x, kernel, strides, precision)
 
 
-def _small_map_conv2d_fwd(x, kernel, precision):
-  return _same_conv2d(x, kernel, precision), (x, kernel)
+def _small_map_conv2d_fwd(x, kernel, precision, strides):
+  return _same_conv2d(x, kernel, strides, precision), (x, kernel)
 
 
-def _small_map_conv2d_bwd(precision, residuals, g):
+def _small_map_conv2d_bwd(precision, strides, residuals, g):
   x, kernel = residuals
   _, h, w, c = x.shape
-  kh, kw, _, cout = kernel.shape
+  _, ho, wo, cout = g.shape
+  kh, kw = kernel.shape[:2]
+  sh, sw = strides
   ph, pw = kh // 2, kw // 2
   x_padded = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-  g_padded = jnp.pad(g, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   g_rows = g.reshape(-1, cout)
+  strided = (sh, sw) != (1, 1)
+  if not strided:
+    g_padded = jnp.pad(g, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   dx, d_kernel = None, []
   for i in range(kh):
     for j in range(kw):
-      # Output p reads input p + (i - ph, j - pw), so input q receives dy(q - (i - ph, j - pw)).
-      g_shifted = g_padded[:, kh - 1 - i:kh - 1 - i + h, kw - 1 - j:kw - 1 - j + w]
-      term = jax.lax.dot_general(g_shifted, kernel[i, j], (((3,), (1,)), ((), ())),
-                                 precision=precision)  # dy @ W_ij^T
-      dx = term if dx is None else dx + term
-      x_window = x_padded[:, i:i + h, j:j + w].reshape(-1, c)
-      d_kernel.append(jax.lax.dot_general(x_window, g_rows, (((0,), (0,)), ((), ())),
+      # Output p reads padded input s*p + (i, j): tap (i, j)'s input window, every s-th position.
+      x_window = x_padded[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+      d_kernel.append(jax.lax.dot_general(x_window.reshape(-1, c), g_rows, (((0,), (0,)), ((), ())),
                                           precision=precision))  # x^T @ dy
+      if strided:
+        # dy @ W_ij^T goes back to the padded positions s*p + (i, j); the padding is cropped below.
+        term = jax.lax.dot_general(g, kernel[i, j], (((3,), (1,)), ((), ())), precision=precision)
+        term = jax.lax.pad(term, jnp.zeros((), term.dtype), (
+            (0, 0, 0), (i, h + 2 * ph - i - sh * (ho - 1) - 1, sh - 1),
+            (j, w + 2 * pw - j - sw * (wo - 1) - 1, sw - 1), (0, 0, 0)))
+      else:
+        # Stride 1: input q receives dy(q - (i - ph, j - pw)), a shifted window of the padded dy.
+        g_shifted = g_padded[:, kh - 1 - i:kh - 1 - i + h, kw - 1 - j:kw - 1 - j + w]
+        term = jax.lax.dot_general(g_shifted, kernel[i, j], (((3,), (1,)), ((), ())),
+                                   precision=precision)  # dy @ W_ij^T
+      dx = term if dx is None else dx + term
+  if strided:
+    dx = dx[:, ph:ph + h, pw:pw + w]
   d_kernel = jnp.stack(d_kernel).reshape(kernel.shape)
   return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
@@ -193,11 +208,13 @@ small_map_conv2d.defvjp(_small_map_conv2d_fwd, _small_map_conv2d_bwd)
 def _uses_small_map_conv(positions: int, kernel_hw: tuple[int, int], strides: tuple[int, int],
                          padding, cout: int, feature_group_count: int,
                          preferred_element_type) -> bool:
-  """Whether ``fast_conv3d`` routes a (1, kh, kw) conv through ``small_map_conv2d``."""
+  """Whether ``fast_conv3d`` routes a (1, kh, kw) conv through ``small_map_conv2d``.
+
+  ``positions``: output positions N*T*H'*W' of the convolution."""
   kh, kw = kernel_hw
   same = kh % 2 == 1 and kw % 2 == 1 and tuple(map(tuple, padding)) == (
       (kh // 2, kh // 2), (kw // 2, kw // 2))
-  return (same and (kh, kw) != (1, 1) and strides == (1, 1) and feature_group_count == 1
+  return (same and (kh, kw) != (1, 1) and feature_group_count == 1
           and preferred_element_type is None and positions <= cout)
 
 
@@ -219,6 +236,7 @@ def fast_conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     and the conv is 2-D (a matmul when the spatial kernel also equals its stride).
 
   Everything else (dilation, grouped 3-D kernels, other layouts) goes to the general conv.
+
   """
   nd = lhs.ndim
   general = lambda: jax.lax.conv_general_dilated(
@@ -254,16 +272,19 @@ def fast_conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
       x = lhs[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else lhs
       y = jnp.dot(x.reshape(-1, c), rhs.reshape(cin, cout), **dot_kwargs)
       return y.reshape(x.shape[:-1] + (cout,))
-    if _uses_small_map_conv(n * t * h * w, (kh, kw), (sh, sw), padding[1:], cout,
+    out_positions = n * t * (-(-h // sh)) * (-(-w // sw))
+    if _uses_small_map_conv(out_positions, (kh, kw), (sh, sw), padding[1:], cout,
                             feature_group_count, preferred_element_type):
-      y = small_map_conv2d(lhs.reshape(n * t, h, w, c), rhs[0], precision)
+      y = small_map_conv2d(lhs.reshape(n * t, h, w, c), rhs[0], precision, (sh, sw))
     else:
       y = conv2d(lhs.reshape(n * t, h, w, c), rhs[0], feature_group_count)
     return y.reshape((n, t) + y.shape[1:])
   if kt == st and feature_group_count == 1:
     frames = t // kt
-    x = lhs[:, :frames * kt].reshape(n, frames, kt, h, w, c)
-    x = jnp.moveaxis(x, 2, 4).reshape(n * frames, h, w, kt * c)  # channel index = tap * C + c
+    x = lhs[:, :frames * kt].reshape(n * frames, kt, h, w, c)
+    # channel index = tap * C + c. A concatenation, not a transpose: XLA:CPU moves the few-channel
+    # (RGB) frames ~10x faster this way.
+    x = jnp.concatenate([x[:, k] for k in range(kt)], axis=-1)  # (N*frames, H, W, kt*C)
     kernel = jnp.moveaxis(rhs, 0, 2).reshape(kh, kw, kt * cin, cout)
     if (kh, kw) == (sh, sw) and padding[1:] == ((0, 0), (0, 0)) and h % kh == 0 and w % kw == 0:
       patches = x.reshape(n * frames, h // kh, kh, w // kw, kw, kt * c)
