@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -132,6 +133,31 @@ materialized_cotangent.defvjp(_materialized_cotangent_fwd, _materialized_cotange
 
 _NDHWC = ("NDHWC", "DHWIO", "NDHWC")
 
+# Name of the outputs of spatial (k > 1) convolutions in ``fast_conv3d`` (``jax.ad_checkpoint``).
+SPATIAL_CONV_OUTPUT = "spatial_conv_output"
+
+# Rematerialisation policies by name (``remat=`` of the ResNet builders). 'full' recomputes the
+# whole block in the backward pass; 'spatial_convs' keeps the outputs of the k x k convolutions
+# (the costly ones to recompute) and recomputes the 1x1 convolutions (plain matmuls), BatchNorm,
+# ReLU and the residual sums from them.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "spatial_convs": jax.checkpoint_policies.save_only_these_names(SPATIAL_CONV_OUTPUT),
+}
+
+
+def remat_policy(remat: bool | str):
+  """``(enabled, policy)`` for a model's ``remat`` option: ``False``, ``True`` (= 'full') or a
+  name in ``REMAT_POLICIES``."""
+  if remat is False or remat is None:
+    return False, None
+  if remat is True:
+    remat = "full"
+  if not isinstance(remat, str) or remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be False, True or one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+  return True, REMAT_POLICIES[remat]
+
+
 def _pairs(values, n):
   return tuple((1,) * n if values is None else tuple(values))
 
@@ -237,7 +263,19 @@ def fast_conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
 
   Everything else (dilation, grouped 3-D kernels, other layouts) goes to the general conv.
 
+  The output of a convolution whose kernel is larger than 1 in any spatial/temporal axis is named
+  ``SPATIAL_CONV_OUTPUT`` for the 'spatial_convs' rematerialisation policy.
   """
+  y = _route_conv3d(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                    dimension_numbers, feature_group_count, precision, preferred_element_type,
+                    **kwargs)
+  if rhs.ndim >= 3 and any(k > 1 for k in rhs.shape[:-2]):
+    y = checkpoint_name(y, SPATIAL_CONV_OUTPUT)
+  return y
+
+
+def _route_conv3d(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                  feature_group_count, precision, preferred_element_type, **kwargs):
   nd = lhs.ndim
   general = lambda: jax.lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,

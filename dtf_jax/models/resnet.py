@@ -24,7 +24,12 @@ Builder overrides (all keyword-only, validated):
   base_width: stem width; stage planes are ``base_width*(1,2,4,8)`` (default 64).
   dtype: ``'float32'`` (default) or ``'bfloat16'`` compute; params stay float32; FFT, softmax and
     normalisation statistics are float32; logits float32.
-  remat: rematerialise every residual block in the backward pass (``nnx.remat``).
+  remat: recompute residual blocks in the backward pass (``nnx.remat``): ``False``, ``True`` (the
+    whole block) or a policy of ``common.REMAT_POLICIES``: ``'spatial_convs'`` keeps the 3x3 conv
+    outputs and recomputes 1x1 convs, BatchNorm and ReLU. Default ``'spatial_convs'`` for the C2D
+    ResNets (measured on 2 CPU cores, batch 2 x 16 x 112²: peak step memory -30%, below PyTorch's,
+    for +3-4% step time), ``False`` for DTF / SIFA (recomputing their temporal blocks costs ~10%,
+    and they already need less memory than PyTorch).
   dropout_ratio: head dropout rate (default 0.5).
   kernel_impl: ``'auto' | 'xla' | 'pallas'`` for the DTF/SIFA ops.
   bn_group_size: per-device batch of the BatchNorm statistics (``None`` = whole batch).
@@ -108,7 +113,7 @@ class C2DResNet(nnx.Module):
     base_width: stem width; stage planes ``base_width*(1,2,4,8)``.
     dropout_ratio: head dropout.
     zero_init_residual: zero-init every block's ``bn3`` scale.
-    remat: rematerialise each block in the backward pass.
+    remat: ``False``, ``True`` or a ``common.REMAT_POLICIES`` name (see the module docstring).
     bn_group_size: see ``common.BatchNorm``.
     dtype: compute dtype.
     rngs: ``params`` (and ``dropout``) streams.
@@ -123,7 +128,7 @@ class C2DResNet(nnx.Module):
       clip_length: int,
       base_width: int = 64,
       dropout_ratio: float = 0.5,
-      remat: bool = False,
+      remat: bool | str = False,
       bn_group_size: int | None = None,
       dtype=jnp.float32,
       rngs: nnx.Rngs,
@@ -152,9 +157,10 @@ class C2DResNet(nnx.Module):
           f"{type(self).__name__} expects a clip (N, {self.clip_length}, H, W, 3), got shape {x.shape}")
 
   def _run_stage(self, stage: nnx.List, x: Array) -> Array:
+    enabled, policy = common.remat_policy(self.remat)
     for block in stage:
-      if self.remat:
-        x = nnx.remat(lambda blk, y: blk(y))(block, x)
+      if enabled:
+        x = nnx.remat(lambda blk, y: blk(y), policy=policy)(block, x)
       else:
         x = block(x)
     return x
@@ -196,7 +202,7 @@ class C2DSIFAResNet(C2DResNet):
       clip_length: int,
       base_width: int = 64,
       dropout_ratio: float = 0.5,
-      remat: bool = False,
+      remat: bool | str = False,
       bn_group_size: int | None = None,
       dtype=jnp.float32,
       rngs: nnx.Rngs,
@@ -262,8 +268,10 @@ def _validate_common(name, *, num_classes, clip_length, image_size, layers, base
     if dt.name not in DTYPES:
       raise ValueError(f"{name}: dtype must be one of {sorted(DTYPES)}, got {dt.name}")
     dtype = DTYPES[dt.name]
-  if not isinstance(remat, bool):
-    raise ValueError(f"{name}: remat must be True or False, got {remat!r}")
+  try:
+    common.remat_policy(remat)
+  except ValueError as e:
+    raise ValueError(f"{name}: {e}") from None
   if not isinstance(dropout_ratio, (int, float)) or not 0.0 <= dropout_ratio < 1.0:
     raise ValueError(f"{name}: dropout_ratio must be in [0, 1), got {dropout_ratio!r}")
   if kernel_impl not in KERNEL_IMPLS:
@@ -295,7 +303,7 @@ def build_c2d_resnet(
     layers: Sequence[int] | None = None,
     base_width: int = 64,
     dtype="float32",
-    remat: bool = False,
+    remat: bool | str = "spatial_convs",
     dropout_ratio: float = 0.5,
     kernel_impl: str = "auto",
     bn_group_size: int | None = None,
@@ -332,7 +340,7 @@ def build_c2d_dtf_resnet(
     layers: Sequence[int] | None = None,
     base_width: int = 64,
     dtype="float32",
-    remat: bool = False,
+    remat: bool | str = False,
     dropout_ratio: float = 0.5,
     kernel_impl: str = "auto",
     bn_group_size: int | None = None,
@@ -379,7 +387,7 @@ def build_c2d_sifa_resnet(
     layers: Sequence[int] | None = None,
     base_width: int = 64,
     dtype="float32",
-    remat: bool = False,
+    remat: bool | str = False,
     dropout_ratio: float = 0.5,
     kernel_impl: str = "auto",
     bn_group_size: int | None = None,

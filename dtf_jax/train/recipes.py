@@ -8,7 +8,8 @@ line, e.g. ``--config.batch_size=48``):
   model.name           a registered network (``dtf_jax.models.list_models()``).
   model.dtype          compute dtype: 'float32' (the originals) or 'bfloat16' (mixed precision;
                        parameters, BatchNorm statistics, losses stay float32).
-  model.remat          rematerialise residual blocks (memory for compute).
+  model.remat          rematerialise residual blocks (memory for compute): None (the model's
+                       default), False, True, or a policy name ('spatial_convs', ResNets).
   model.kernel_impl    'auto' | 'xla' | 'pallas' for the DTF/SIFA ops.
   model.dropout_ratio  head dropout (0.5 in the originals).
   model.overrides      further builder options (``layers``, ``base_width``, ``depths``, ...).
@@ -112,7 +113,7 @@ def get_base_config(*, model: str, dataset: str, clip_length: int = 16,
   c.model = ml_collections.ConfigDict()
   c.model.name = model
   c.model.dtype = "float32"
-  c.model.remat = False
+  c.model.remat = ml_collections.FieldReference(None, field_type=object)  # None: the model's default
   c.model.kernel_impl = "auto"
   c.model.dropout_ratio = 0.5
   c.model.image_size = ml_collections.FieldReference(None, field_type=int)
