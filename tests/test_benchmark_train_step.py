@@ -70,5 +70,15 @@ def test_overheads_and_targets_are_computed_from_the_rows():
   assert '| c2d_sifa_resnet50 | +700 | +300 | 0.43 |' in table
   # Target 1.5x: needs 1300 / 1.5 = 867 ms; FLOP bound 70e9 / 200e9 = 350 ms = 40% of 867 ms;
   # reached 1300 / 800 = 1.62x, bound share of the dtf_jax time 350 / 800 = 44%.
-  assert '| c2d_sifa_resnet50 | 1.5x | 1.62x | 867 | 350 | 40% | 44% |' in table
+  # Backbone split: 867 ms - 300 ms overhead leaves 567 ms for the C2D part, 600 / 567 = 1.06x
+  # faster than PyTorch's C2D step; reached 600 / 500 = 1.20x.
+  assert '| c2d_sifa_resnet50 | 1.5x | 1.62x | 867 | 350 | 40% | 44% | 1.06x | 1.20x |' in table
   assert 'c2d_resnet50 | 1.5x' not in table  # the baseline has no target
+  # An overhead (1400 - 500 = 900 ms) above the 867 ms the goal allows: no backbone can reach it.
+  rows = [_row('c2d_resnet50', 600.0, 500.0, 50e9), _row('c2d_dtf_resnet50', 1300.0, 1400.0, 70e9)]
+  train_step.add_temporal_overheads(rows)
+  assert '| 0.93x | 867 | 350 | 40% | 25% | unreachable | 1.20x |' in train_step.format_table(rows, peak)
+  # Without the baseline row there is no split.
+  rows = [_row('c2d_dtf_resnet50', 1300.0, 800.0, 70e9)]
+  train_step.add_temporal_overheads(rows)
+  assert train_step.format_table(rows, peak).rstrip().endswith('| - | - |')
