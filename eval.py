@@ -40,6 +40,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from dtf_jax import xla_flags  # pylint: disable=import-outside-toplevel
+  xla_flags.add_default_flags()  # before jax starts a backend
   from dtf_jax.train import mesh, metrics  # pylint: disable=import-outside-toplevel
   metrics.quiet_library_logs()
   mesh.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

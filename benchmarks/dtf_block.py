@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dtf_jax import ops
+from dtf_jax import ops, xla_flags
 from dtf_jax.layers.dtf_block import DTFBlock
 
 CLIP_FRAMES = 4  # frames reaching the DTF blocks: 16-frame clips after the temporal stride 4
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                       help='repeatable (default: both)')
   parser.add_argument('--repeats', type=int, default=9, help='timed runs per shape (median)')
   args = parser.parse_args(argv)
+  xla_flags.add_default_flags()  # the flags train.py runs with (before the first computation)
   if args.repeats < 1:
     parser.error('--repeats must be >= 1')
   for name in args.network or sorted(NETWORKS):

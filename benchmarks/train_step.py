@@ -63,7 +63,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dtf_jax import convert  # noqa: E402
+from dtf_jax import convert, xla_flags  # noqa: E402
 from torch_reference import resnet as torch_resnet  # noqa: E402
 from torch_reference import swin as torch_swin  # noqa: E402
 
@@ -474,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(saved['rows'], saved['matmul_peak_flops']))
     return 0
 
+  xla_flags.add_default_flags()  # the flags train.py runs with (before the first computation)
   names = [n.strip() for n in args.models.split(',') if n.strip()]
   unknown = [n for n in names if n not in NETWORKS]
   if unknown:
@@ -493,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
   print(f'device: {device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, '
         f'torch threads {torch.get_num_threads()}, jax {jax.__version__}, torch {torch.__version__}, '
         f'load average {load:.2f}')
+  print(f'XLA_FLAGS: {os.environ.get("XLA_FLAGS", "") or "(none)"}')
   peak = matmul_peak_flops()
   print(f'float32 matmul peak (2048^3, jitted, fastest of 10; measured again at the end): '
         f'{peak / 1e9:.0f} GFLOP/s')
