@@ -14,9 +14,7 @@ network's training step that the DTF blocks take, measured without the rest of t
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +22,7 @@ from flax import nnx
 
 from dtf_jax import ops, xla_flags
 from dtf_jax.layers.dtf_block import DTFBlock
+from kernel_ops import time_ms  # same timing as the kernel benchmark: median after warm-up
 
 CLIP_FRAMES = 4  # frames reaching the DTF blocks: 16-frame clips after the temporal stride 4
 
@@ -36,17 +35,6 @@ NETWORKS = {
     'c2d_dtf_swin_vit_s_p4_w7': (1, [('stage1', 56, 96, 1), ('stage2', 28, 192, 1),
                                      ('stage3', 14, 384, 9), ('stage4', 7, 768, 1)]),
 }
-
-
-def median_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
 
 
 def measure_stage(batch: int, size: int, channels: int, *, repeats: int, seed: int = 0):
@@ -71,8 +59,8 @@ def measure_stage(batch: int, size: int, channels: int, *, repeats: int, seed: i
 
   block_grad = jax.jit(jax.grad(block_loss, argnums=(0, 1)))
   aggregation_grad = jax.jit(jax.grad(aggregation_loss))
-  return (median_ms(block_grad, params, x, repeats=repeats),
-          median_ms(aggregation_grad, x, repeats=repeats))
+  return (time_ms(block_grad, (params, x), repeats),
+          time_ms(aggregation_grad, (x,), repeats))
 
 
 def main(argv: list[str] | None = None) -> int:

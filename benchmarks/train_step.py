@@ -447,7 +447,6 @@ def format_table(rows: list[dict], peak_flops: float) -> str:
   return '\n'.join(lines)
 
 
-
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

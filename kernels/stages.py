@@ -1,7 +1,8 @@
 """Where the kernels run in the released networks: the real op shapes at 224x224, 16 frames.
 
-One place for the stage shapes and op argument shapes (``op_argument_specs``) used by the CUDA lowering tests (tests/test_kernels_lowering.py),
-the roofline table (benchmarks/roofline.py) and the benchmark (benchmarks/kernel_ops.py).
+One place for the stage shapes and the ops' argument shapes (``op_argument_specs``) used by the
+CUDA lowering tests (tests/test_kernels_lowering.py), the roofline table (benchmarks/roofline.py),
+the compile check (benchmarks/compile_kernels.py) and the benchmark (benchmarks/kernel_ops.py).
 SPEC.md 4.5: after the stem T = 16/4 = 4; the SIFA dual branch runs at T = 2.
 
 * ``c2d_dtf_resnet50``: the DTF block sits on the conv2 output, width ``w = planes``:

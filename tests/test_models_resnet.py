@@ -311,6 +311,7 @@ def test_sifa_combined_probs():
     ("c2d_resnet50", {"image_size": -1}, "image_size"),
     ("c2d_resnet50", {"remat": "yes"}, "remat must be False, True or one of"),
     ("c2d_dtf_resnet50", {"remat": 1}, "remat"),
+    ("c2d_resnet50", {"remat": None}, "remat"),  # None means "model default" only in configs
     ("c2d_resnet50", {"layers": (3, 4, 6)}, "layers"),
     ("c2d_dtf_resnet50", {"base_width": 4}, "layer1"),  # C*F = 4*3 not a multiple of 8
     ("c2d_sifa_resnet50", {"sifa_prev_frame": "next"}, "sifa_prev_frame"),

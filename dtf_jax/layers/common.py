@@ -149,7 +149,7 @@ REMAT_POLICIES = {
 def remat_policy(remat: bool | str):
   """``(enabled, policy)`` for a model's ``remat`` option: ``False``, ``True`` (= 'full') or a
   name in ``REMAT_POLICIES``."""
-  if remat is False or remat is None:
+  if remat is False:
     return False, None
   if remat is True:
     remat = "full"
@@ -200,9 +200,6 @@ def _small_map_conv2d_bwd(precision, strides, residuals, g):
   ph, pw = kh // 2, kw // 2
   x_padded = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   g_rows = g.reshape(-1, cout)
-  strided = (sh, sw) != (1, 1)
-  if not strided:
-    g_padded = jnp.pad(g, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   dx, d_kernel = None, []
   for i in range(kh):
     for j in range(kw):
@@ -210,20 +207,13 @@ def _small_map_conv2d_bwd(precision, strides, residuals, g):
       x_window = x_padded[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
       d_kernel.append(jax.lax.dot_general(x_window.reshape(-1, c), g_rows, (((0,), (0,)), ((), ())),
                                           precision=precision))  # x^T @ dy
-      if strided:
-        # dy @ W_ij^T goes back to the padded positions s*p + (i, j); the padding is cropped below.
-        term = jax.lax.dot_general(g, kernel[i, j], (((3,), (1,)), ((), ())), precision=precision)
-        term = jax.lax.pad(term, jnp.zeros((), term.dtype), (
-            (0, 0, 0), (i, h + 2 * ph - i - sh * (ho - 1) - 1, sh - 1),
-            (j, w + 2 * pw - j - sw * (wo - 1) - 1, sw - 1), (0, 0, 0)))
-      else:
-        # Stride 1: input q receives dy(q - (i - ph, j - pw)), a shifted window of the padded dy.
-        g_shifted = g_padded[:, kh - 1 - i:kh - 1 - i + h, kw - 1 - j:kw - 1 - j + w]
-        term = jax.lax.dot_general(g_shifted, kernel[i, j], (((3,), (1,)), ((), ())),
-                                   precision=precision)  # dy @ W_ij^T
+      # dy @ W_ij^T goes back to those padded positions (interior padding s - 1 between them).
+      term = jax.lax.dot_general(g, kernel[i, j], (((3,), (1,)), ((), ())), precision=precision)
+      term = jax.lax.pad(term, jnp.zeros((), term.dtype), (
+          (0, 0, 0), (i, h + 2 * ph - i - sh * (ho - 1) - 1, sh - 1),
+          (j, w + 2 * pw - j - sw * (wo - 1) - 1, sw - 1), (0, 0, 0)))
       dx = term if dx is None else dx + term
-  if strided:
-    dx = dx[:, ph:ph + h, pw:pw + w]
+  dx = dx[:, ph:ph + h, pw:pw + w]  # drop the padding
   d_kernel = jnp.stack(d_kernel).reshape(kernel.shape)
   return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
