@@ -283,3 +283,50 @@ def test_layer_norm_matches_nnx_layer_norm(x64, dtype):
   for name in ('scale', 'bias'):
     np.testing.assert_allclose(as64(dm_fast[name]), as64(dm_plain[name]),
                                rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize('lead', ((7,), (2, 3, 5)), ids=('rows', 'tokens'))
+def test_matmul_last_axis_matches_autodiff_of_a_plain_matmul(x64, lead):
+  rng = np.random.default_rng(len(lead))
+  x = jnp.asarray(rng.normal(size=(*lead, 6)))
+  kernel = jnp.asarray(rng.normal(size=(6, 4)))
+  got, got_vjp = jax.vjp(common.matmul_last_axis, x, kernel)
+  want, want_vjp = jax.vjp(lambda a, b: jnp.einsum('...i,io->...o', a, b), x, kernel)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  g = jnp.asarray(rng.normal(size=want.shape))
+  for a, b in zip(got_vjp(g), want_vjp(g)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+  jax.test_util.check_grads(common.matmul_last_axis, (x, kernel), order=1, modes=('rev',))
+
+
+def test_linear_routes_through_matmul_last_axis_with_torch_semantics(x64):
+  rng = np.random.default_rng(5)
+  layer = common.linear(6, 4, rngs=nnx.Rngs(0))
+  assert layer.dot_general is common.linear_dot_general
+  x = jnp.asarray(rng.normal(size=(3, 2, 6)))
+  kernel, bias = layer.kernel[...], layer.bias[...]
+  np.testing.assert_allclose(layer(x), x @ kernel + bias, rtol=1e-12, atol=1e-12)
+  # Its gradient graph contains the materialised transpose (the point of the custom VJP).
+  graph, params = nnx.split(layer)
+  loss = lambda p: jnp.sum(nnx.merge(graph, p)(x) ** 2)
+  assert 'optimization_barrier' in str(jax.make_jaxpr(jax.grad(loss))(params))
+  grads = jax.grad(loss)(params)
+  g = 2 * (x @ kernel + bias)
+  # float32 parameters: their gradients are rounded to float32.
+  np.testing.assert_allclose(grads['kernel'][...], np.einsum('abi,abo->io', x, g), rtol=1e-6)
+  np.testing.assert_allclose(grads['bias'][...], g.sum(axis=(0, 1)), rtol=1e-6)
+
+
+def test_linear_dot_general_falls_back_for_other_contractions():
+  rng = np.random.default_rng(6)
+  a = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(2, 4, 5)), jnp.float32)
+  dims = (((2,), (1,)), ((0,), (0,)))  # batched: not the Linear pattern
+  np.testing.assert_allclose(common.linear_dot_general(a, b, dims),
+                             jax.lax.dot_general(a, b, dims), rtol=1e-6)
+  x16 = jnp.asarray(rng.normal(size=(3, 4)), jnp.bfloat16)
+  k16 = jnp.asarray(rng.normal(size=(4, 5)), jnp.bfloat16)
+  out, vjp = jax.vjp(common.matmul_last_axis, x16, k16)
+  dx, dk = vjp(jnp.ones_like(out))
+  assert out.dtype == dx.dtype == dk.dtype == jnp.bfloat16

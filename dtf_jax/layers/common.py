@@ -362,6 +362,57 @@ def conv3d(
   )
 
 
+def _contract_last(x: Array, kernel: Array, precision) -> Array:
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul_last_axis(x: Array, kernel: Array, precision=None) -> Array:
+  """``x @ kernel`` over the last axis of ``x``: ``(..., I) x (I, O) -> (..., O)``.
+
+  Same value as ``lax.dot_general``; the backward computes the kernel gradient as
+  ``x^T @ g`` with ``x^T`` materialised row-major (``(I, rows)``). Autodiff leaves that product
+  with ``x`` contracted over its leading axis, which XLA:CPU runs in Eigen (YNNPACK takes only
+  row-major operands); the explicit transpose (one pass over ``x``) lets YNNPACK run it: the
+  DTF-Swin-S training step is 6% faster (A/B in one process, benchmarks/README.md).
+  """
+  return _contract_last(x, kernel, precision)
+
+
+def _matmul_last_axis_fwd(x, kernel, precision):
+  return _contract_last(x, kernel, precision), (x, kernel)
+
+
+def _matmul_last_axis_bwd(precision, residuals, g):
+  x, kernel = residuals
+  rows = x.reshape(-1, x.shape[-1])
+  g_rows = g.reshape(-1, g.shape[-1])
+  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+  x_t = jax.lax.optimization_barrier(rows.T)  # (I, rows), row-major: see the docstring
+  dkernel = jax.lax.dot_general(x_t, g_rows, (((1,), (0,)), ((), ())), precision=precision)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+matmul_last_axis.defvjp(_matmul_last_axis_fwd, _matmul_last_axis_bwd)
+
+
+def linear_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                       out_sharding=None):
+  """``dot_general`` for ``nnx.Linear``: ``matmul_last_axis`` for its one contraction pattern.
+
+  Anything else (batch dimensions, another contraction, a preferred element type or an output
+  sharding) goes to ``lax.dot_general`` unchanged.
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  if (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and rhs.ndim == 2
+      and not lhs_batch and not rhs_batch and preferred_element_type is None
+      and out_sharding is None and lhs.dtype == rhs.dtype):
+    return matmul_last_axis(lhs, rhs, precision)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type,
+                             out_sharding=out_sharding)
+
+
 def linear(
     in_features: int,
     out_features: int,
@@ -372,11 +423,15 @@ def linear(
     dtype=None,
     rngs: nnx.Rngs,
 ) -> nnx.Linear:
-  """A PyTorch ``nn.Linear`` (default init unless overridden); kernel ``(in, out)``."""
+  """A PyTorch ``nn.Linear`` (default init unless overridden); kernel ``(in, out)``.
+
+  Its matmul is ``linear_dot_general`` (same values, a faster weight gradient on XLA:CPU).
+  """
   return nnx.Linear(
       in_features,
       out_features,
       use_bias=use_bias,
+      dot_general=linear_dot_general,
       kernel_init=kernel_init or torch_default_kernel_init(),
       bias_init=bias_init or torch_default_bias_init(in_features),
       dtype=dtype,
