@@ -286,10 +286,11 @@ def test_layer_norm_matches_nnx_layer_norm(x64, dtype):
 
 
 @pytest.mark.parametrize('lead', ((7,), (2, 3, 5)), ids=('rows', 'tokens'))
-def test_matmul_last_axis_matches_autodiff_of_a_plain_matmul(x64, lead):
+@pytest.mark.parametrize('features', ((6, 4), (3, 5)), ids=('narrowing', 'widening'))
+def test_matmul_last_axis_matches_autodiff_of_a_plain_matmul(x64, lead, features):
   rng = np.random.default_rng(len(lead))
-  x = jnp.asarray(rng.normal(size=(*lead, 6)))
-  kernel = jnp.asarray(rng.normal(size=(6, 4)))
+  x = jnp.asarray(rng.normal(size=(*lead, features[0])))
+  kernel = jnp.asarray(rng.normal(size=features))
   got, got_vjp = jax.vjp(common.matmul_last_axis, x, kernel)
   want, want_vjp = jax.vjp(lambda a, b: jnp.einsum('...i,io->...o', a, b), x, kernel)
   np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
