@@ -64,6 +64,7 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dtf_jax import convert, xla_flags  # noqa: E402
+from dtf_jax.train import optim, steps  # noqa: E402
 from torch_reference import resnet as torch_resnet  # noqa: E402
 from torch_reference import swin as torch_swin  # noqa: E402
 
@@ -170,19 +171,21 @@ def cross_entropy_torch(outputs, labels):
   return sum(torch.nn.functional.cross_entropy(h, labels) for h in heads)
 
 
-def sgd_recipe() -> optax.GradientTransformation:
-  """The originals' optimiser step (SPEC.md 6.4) at a fixed learning rate."""
-  def clip_torch_style(updates, state, params=None):
-    del params
-    norm = optax.tree.norm(updates)
-    coef = jnp.minimum(1.0, CLIP_NORM / (norm + 1e-6))
-    return jax.tree.map(lambda g: g * coef, updates), state
+def sgd_recipe(trainable_mask=None) -> optax.GradientTransformation:
+  """The originals' optimiser step (SPEC.md 6.4) at a fixed learning rate.
 
-  return optax.chain(
-      optax.GradientTransformation(lambda params: optax.EmptyState(), clip_torch_style),
+  ``trainable_mask`` (params-shaped bools, ``steps.parameters_used_by``): parameters outside the
+  loss's graph are left alone, as ``torch.optim.SGD`` skips parameters whose gradient is None and
+  as ``train.py`` does (e.g. DTF-Swin's unused ``conv`` weights, SPEC.md 7.7).
+  """
+  tx = optax.chain(
+      optim.clip_by_global_norm_torch(CLIP_NORM),
       optax.add_decayed_weights(WEIGHT_DECAY),
       optax.trace(decay=MOMENTUM, nesterov=False),
       optax.scale(-LEARNING_RATE))
+  if trainable_mask is not None and not all(jax.tree.leaves(trainable_mask)):
+    tx = optax.masked(tx, trainable_mask)
+  return tx
 
 
 class JaxRunner:
@@ -190,15 +193,20 @@ class JaxRunner:
 
   def __init__(self, model: nnx.Module, video: jax.Array, labels: jax.Array):
     self.video, self.labels = video, labels
-    tx = sgd_recipe()
     model.eval()
     self.eval_graph, params, rest = nnx.split(model, nnx.Param, ...)
     model.train()
     self.train_graph, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
     self.params, self.rest = params, rest
-    self.opt_state = tx.init(params)
     eval_graph, train_graph = self.eval_graph, self.train_graph
+
+    def loss_only(p):
+      return cross_entropy_jax(nnx.merge(train_graph, p, rest)(video), labels)
+
+    self.trainable_mask = steps.parameters_used_by(loss_only, params)
+    tx = sgd_recipe(self.trainable_mask)
+    self.opt_state = tx.init(params)
 
     def forward(params, rest, video):
       return nnx.merge(eval_graph, params, rest)(video)

@@ -82,3 +82,31 @@ def test_overheads_and_targets_are_computed_from_the_rows():
   rows = [_row('c2d_dtf_resnet50', 1300.0, 800.0, 70e9)]
   train_step.add_temporal_overheads(rows)
   assert train_step.format_table(rows, peak).rstrip().endswith('| - | - |')
+
+
+def test_jax_runner_leaves_parameters_outside_the_loss_alone_like_torch_sgd(monkeypatch):
+  # torch.optim.SGD skips parameters whose gradient is None (no decay, no momentum); the benchmark's
+  # dtf_jax step must do the same work, as train.py does (SPEC.md 6.4, 7.7). A learning rate and
+  # decay large enough that a decayed parameter visibly moves in float32:
+  monkeypatch.setattr(train_step, 'LEARNING_RATE', 0.1)
+  monkeypatch.setattr(train_step, 'WEIGHT_DECAY', 0.5)
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dtf_jax.train import testing  # pylint: disable=g-import-not-at-top
+  model = testing.TinyVideoNet(num_classes=3, rngs=nnx.Rngs(0), unused_parameter=True)
+  rng = np.random.default_rng(0)
+  video = jnp.asarray(rng.normal(size=(2, 4, 8, 8, 3)), jnp.float32)
+  labels = jnp.asarray([0, 2], jnp.int32)
+  runner = train_step.JaxRunner(model, video, labels)
+  mask = runner.trainable_mask
+  assert not any(jax.tree.leaves(mask['spare'])) and all(jax.tree.leaves(mask['fc']))
+  before = jax.tree.map(np.array, runner.params)
+  for _ in range(2):
+    runner.run_train()
+  after = jax.tree.map(np.asarray, runner.params)
+  np.testing.assert_array_equal(after['spare']['kernel'], before['spare']['kernel'])
+  np.testing.assert_array_equal(after['spare']['bias'], before['spare']['bias'])
+  # Used parameters move: by the SGD step with weight decay (fc) at least.
+  assert not np.allclose(after['fc']['kernel'], before['fc']['kernel'])

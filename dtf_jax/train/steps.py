@@ -111,6 +111,18 @@ def make_train_step(setup: ModelSetup, tx, schedule, *, mesh, iter_size: int, lo
                  donate_argnums=(0,))
 
 
+def parameters_used_by(loss, params, *args):
+  """Which leaves of ``params`` ``loss(params, *args)`` depends on (``True``), as a params-shaped
+  bool tree. Traces abstractly (``args`` may be ``jax.ShapeDtypeStruct``s; nothing is compiled)
+  and runs dead-code elimination on the jaxpr."""
+  # pylint: disable-next=import-outside-toplevel
+  from jax._src.interpreters import partial_eval as pe
+  closed = jax.make_jaxpr(loss)(params, *args)
+  _, used_inputs = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(treedef, [bool(u) for u in used_inputs[:len(leaves)]])
+
+
 def parameters_reaching_loss(make_model, video_shape, label_shape, *, label_smoothing="none",
                              head_weights=None):
   """Which parameters the training loss depends on (``True``) -- a params-shaped bool tree.
@@ -118,16 +130,13 @@ def parameters_reaching_loss(make_model, video_shape, label_shape, *, label_smoo
   PyTorch leaves the ``.grad`` of a parameter outside the loss's graph at ``None``, and
   ``torch.optim.SGD`` then skips it entirely (no weight decay, no momentum; SPEC.md 6.4). JAX
   returns zeros instead, so the optimiser would decay such parameters (e.g. DTF-Swin's unused
-  ``conv``, SPEC.md 7.7). This traces the loss abstractly (no compilation) and runs dead-code
-  elimination on its jaxpr to find them.
+  ``conv``, SPEC.md 7.7). See ``parameters_used_by``.
 
   Args:
     make_model: the model factory.
     video_shape: shape of one training micro-batch ``(B, L, H, W, 3)``.
     label_shape: ``(B,)``.
   """
-  # pylint: disable-next=import-outside-toplevel
-  from jax._src.interpreters import partial_eval as pe
   graphdef, collections, rngs = split_model(nnx.eval_shape(make_model))
   params = collections.pop("params")
 
@@ -137,12 +146,9 @@ def parameters_reaching_loss(make_model, video_shape, label_shape, *, label_smoo
     return losses.classification_loss(model(video), label, label_smoothing=label_smoothing,
                                       head_weights=head_weights)[0]
 
-  closed = jax.make_jaxpr(loss)(params, collections, rngs,
-                                jax.ShapeDtypeStruct(video_shape, jnp.float32),
-                                jax.ShapeDtypeStruct(label_shape, jnp.int32))
-  _, used_inputs = pe.dce_jaxpr(closed.jaxpr, [True])
-  leaves, treedef = jax.tree.flatten(params)
-  return jax.tree.unflatten(treedef, [bool(u) for u in used_inputs[:len(leaves)]])
+  return parameters_used_by(loss, params, collections, rngs,
+                            jax.ShapeDtypeStruct(video_shape, jnp.float32),
+                            jax.ShapeDtypeStruct(label_shape, jnp.int32))
 
 
 def make_predict(setup: ModelSetup, *, mesh, preprocess=None):
