@@ -178,14 +178,11 @@ def sgd_recipe(trainable_mask=None) -> optax.GradientTransformation:
   loss's graph are left alone, as ``torch.optim.SGD`` skips parameters whose gradient is None and
   as ``train.py`` does (e.g. DTF-Swin's unused ``conv`` weights, SPEC.md 7.7).
   """
-  tx = optax.chain(
+  return optim.only_trainable(optax.chain(
       optim.clip_by_global_norm_torch(CLIP_NORM),
       optax.add_decayed_weights(WEIGHT_DECAY),
       optax.trace(decay=MOMENTUM, nesterov=False),
-      optax.scale(-LEARNING_RATE))
-  if trainable_mask is not None and not all(jax.tree.leaves(trainable_mask)):
-    tx = optax.masked(tx, trainable_mask)
-  return tx
+      optax.scale(-LEARNING_RATE)), trainable_mask)
 
 
 class JaxRunner:
@@ -201,10 +198,13 @@ class JaxRunner:
     self.params, self.rest = params, rest
     eval_graph, train_graph = self.eval_graph, self.train_graph
 
-    def loss_only(p):
-      return cross_entropy_jax(nnx.merge(train_graph, p, rest)(video), labels)
+    def loss_fn(p, r, video, labels):
+      m = nnx.merge(train_graph, p, r)
+      loss = cross_entropy_jax(m(video), labels)
+      return loss, nnx.as_pure(nnx.state(m, nnx.Not(nnx.Param)))
 
-    self.trainable_mask = steps.parameters_used_by(loss_only, params)
+    self.trainable_mask = steps.parameters_used_by(
+        lambda p: loss_fn(p, rest, video, labels)[0], params)
     tx = sgd_recipe(self.trainable_mask)
     self.opt_state = tx.init(params)
 
@@ -212,12 +212,8 @@ class JaxRunner:
       return nnx.merge(eval_graph, params, rest)(video)
 
     def train_step(params, opt_state, rest, video, labels):
-      def loss_fn(p, r):
-        m = nnx.merge(train_graph, p, r)
-        loss = cross_entropy_jax(m(video), labels)
-        return loss, nnx.as_pure(nnx.state(m, nnx.Not(nnx.Param)))
-
-      (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+      (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, video,
+                                                                          labels)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, new_rest, loss
 

@@ -127,6 +127,17 @@ def _materialized_cotangent_bwd(_, g):
 materialized_cotangent.defvjp(_materialized_cotangent_fwd, _materialized_cotangent_bwd)
 
 
+def row_major_swap(x: Array) -> Array:
+  """``x`` with its last two axes swapped, materialised as a row-major array.
+
+  XLA:CPU hands a dot to YNNPACK only when both operands are row-major in the dot's own terms
+  (lhs contracting on its last axis, rhs on its first); left alone, XLA folds a transpose into the
+  dot's dimension numbers and the dot falls back to the slower Eigen kernel. The optimisation
+  barrier keeps the transposed copy, so the dot that reads it runs in YNNPACK.
+  """
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
 # ----------------------------------------------------------------------------------------------
 # Convolutions and linear layers.
 # ----------------------------------------------------------------------------------------------
@@ -373,9 +384,9 @@ def matmul_last_axis(x: Array, kernel: Array, precision=None) -> Array:
   Same value as ``lax.dot_general``; the backward computes the kernel gradient from a row-major
   transposed copy of the narrower of ``x`` and the output gradient ``g``: ``x^T @ g`` for
   ``I <= O``, ``(g^T @ x)^T`` otherwise. Autodiff leaves that product with both operands
-  contracted over their leading (row) axis, which XLA:CPU runs in Eigen (YNNPACK takes only
-  row-major operands); the explicit transpose (one pass over the narrower array) lets YNNPACK run
-  it. DTF-Swin-S training step ~9% faster in all (A/B in one process, benchmarks/README.md).
+  contracted over their leading (row) axis, which XLA:CPU runs in Eigen; the explicit transpose
+  (``row_major_swap``, one pass over the narrower array) lets YNNPACK run it. DTF-Swin-S training
+  step ~9% faster in all (A/B in one process, benchmarks/README.md).
   """
   return _contract_last(x, kernel, precision)
 
@@ -389,13 +400,12 @@ def _matmul_last_axis_bwd(precision, residuals, g):
   rows = x.reshape(-1, x.shape[-1])
   g_rows = g.reshape(-1, g.shape[-1])
   dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
-  # The barriers keep the transposed copies: XLA would fold a bare transpose back into the dot.
-  if rows.shape[1] <= g_rows.shape[1]:
-    x_t = jax.lax.optimization_barrier(rows.T)  # (I, rows)
-    dkernel = jax.lax.dot_general(x_t, g_rows, (((1,), (0,)), ((), ())), precision=precision)
-  else:
-    g_t = jax.lax.optimization_barrier(g_rows.T)  # (O, rows)
-    dkernel = jax.lax.dot_general(g_t, rows, (((1,), (0,)), ((), ())), precision=precision).T
+  if rows.shape[1] <= g_rows.shape[1]:  # x^T (I, rows) @ g
+    dkernel = jax.lax.dot_general(row_major_swap(rows), g_rows, (((1,), (0,)), ((), ())),
+                                  precision=precision)
+  else:  # (g^T (O, rows) @ x)^T
+    dkernel = jax.lax.dot_general(row_major_swap(g_rows), rows, (((1,), (0,)), ((), ())),
+                                  precision=precision).T
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 

@@ -161,17 +161,6 @@ def _split_qkv(qkv: Array, num_heads: int) -> tuple[Array, Array, Array]:
   return tuple(_split_heads(qkv[..., i * dim:(i + 1) * dim], num_heads) for i in range(3))
 
 
-def _row_major_swap(x: Array) -> Array:
-  """``x`` with its last two axes swapped, materialised as a row-major array.
-
-  XLA:CPU hands a dot to YNNPACK only when both operands are row-major in the dot's own terms
-  (lhs contracting on its last axis, rhs on its first); left alone, XLA folds a transpose into the
-  dot's dimension numbers and the dot falls back to the slower Eigen kernel. The optimisation
-  barrier keeps the transposed copy (a few KiB per window) so every attention dot runs in YNNPACK.
-  """
-  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
-
-
 def _softmax_dtype(dtype) -> jnp.dtype:
   """Logits and softmax run in float32, or in float64 for float64 inputs (the tests' oracle)."""
   return jnp.promote_types(dtype, jnp.float32)
@@ -180,7 +169,7 @@ def _softmax_dtype(dtype) -> jnp.dtype:
 def _window_attention_forward(qkv, bias, mask, num_heads, scale):
   b_, n, c3 = qkv.shape
   q, k, v = _split_qkv(qkv, num_heads)
-  logits = jnp.matmul(q * jnp.asarray(scale, q.dtype), _row_major_swap(k),
+  logits = jnp.matmul(q * jnp.asarray(scale, q.dtype), common.row_major_swap(k),
                       preferred_element_type=_softmax_dtype(q.dtype))
   attn = _biased_softmax(logits, bias, mask)
   out = jnp.matmul(attn.astype(v.dtype), v)  # (B_, nh, N, hd)
@@ -209,7 +198,7 @@ def window_attention_core(qkv: Array, bias: Array, mask: Array | None, num_heads
   The hand-written backward keeps only ``qkv`` and the attention weights, returns the gradient of
   ``qkv`` as one ``(B * nW, N, 3D)`` array (autodiff built it from three padded slices added
   together, then transposed it again for the Linear's weight and bias gradients), and runs every
-  attention dot on row-major operands (see ``_row_major_swap``). Window attention fwd + bwd at
+  attention dot on row-major operands (``common.row_major_swap``). Window attention fwd + bwd at
   the Swin-S stage shapes takes 25-50% less time than autodiff did (benchmarks/README.md).
   """
   return _window_attention_forward(qkv, bias, mask, num_heads, scale)[0]
@@ -226,12 +215,12 @@ def _window_attention_core_bwd(num_heads, scale, residuals, g):
   q, k, v = _split_qkv(qkv, num_heads)
   q = q * jnp.asarray(scale, dtype)
   g = _split_heads(g.astype(dtype), num_heads)  # (B_, nh, N, hd)
-  d_attn = jnp.matmul(g, _row_major_swap(v), preferred_element_type=attn.dtype)
+  d_attn = jnp.matmul(g, common.row_major_swap(v), preferred_element_type=attn.dtype)
   d_logits = attn * (d_attn - jnp.sum(attn * d_attn, axis=-1, keepdims=True))  # softmax bwd
   d_logits_c = d_logits.astype(dtype)
   dq = jnp.matmul(d_logits_c, k) * jnp.asarray(scale, dtype)
-  dk = jnp.matmul(_row_major_swap(d_logits_c), q)
-  dv = jnp.matmul(_row_major_swap(attn.astype(dtype)), g)
+  dk = jnp.matmul(common.row_major_swap(d_logits_c), q)
+  dv = jnp.matmul(common.row_major_swap(attn.astype(dtype)), g)
   b_, n, c3 = qkv.shape
   dqkv = jnp.stack([dq, dk, dv], axis=0).transpose(1, 3, 0, 2, 4).reshape(b_, n, c3)
   # Materialised: otherwise XLA fuses the qkv bias gradient (a sum over windows and tokens) into

@@ -101,8 +101,16 @@ def build_optimizer(optimizer_config, durations: Durations, *, trainable_mask=No
   else:
     raise ValueError(f"optimizer.name must be 'sgd' or 'adamw', got {name!r}")
   chain.append(optax.scale_by_learning_rate(schedule))
-  tx = optax.chain(*chain)
-  if trainable_mask is not None and not all(jax.tree.leaves(trainable_mask)):
-    # Masked-out leaves pass their (zero) gradient through unchanged: a zero update.
-    tx = optax.masked(tx, trainable_mask)
-  return tx, schedule
+  return only_trainable(optax.chain(*chain), trainable_mask), schedule
+
+
+def only_trainable(tx: optax.GradientTransformation, trainable_mask=None
+                   ) -> optax.GradientTransformation:
+  """``tx`` restricted to the parameters marked True in ``trainable_mask`` (None: all of them).
+
+  Masked-out leaves pass their (zero) gradient through unchanged: a zero update, as
+  ``torch.optim.SGD`` skips a parameter whose gradient is None.
+  """
+  if trainable_mask is None or all(jax.tree.leaves(trainable_mask)):
+    return tx
+  return optax.masked(tx, trainable_mask)
