@@ -37,6 +37,8 @@ def test_smoke_run_prints_the_table_and_writes_consistent_rows(tmp_path, capsys)
     assert row[f'{kind}_ratio'] == pytest.approx(row[f'jax_{kind}_ms'] / row[f'torch_{kind}_ms'])
     assert row[f'{kind}_flops'] > 0
   assert saved['matmul_peak_flops'] > 0
+  assert saved['glibc_tunables'] == os.environ.get('GLIBC_TUNABLES', '')  # left as it was
+  assert 'host allocator (both frameworks): GLIBC_TUNABLES=' in printed
   # Reprinting from the JSON gives the tables the measuring run printed.
   assert train_step.main(['--from-json', str(out)]) == 0
   reprinted = capsys.readouterr().out
