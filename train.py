@@ -38,8 +38,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from dtf_jax import host_memory, xla_flags  # pylint: disable=import-outside-toplevel
-  host_memory.relaunch_with_huge_pages()  # glibc reads its tunables at start (no-op where unneeded)
+  from dtf_jax import xla_flags  # pylint: disable=import-outside-toplevel
   xla_flags.add_default_flags()  # before jax starts a backend
   # jax.distributed must start before anything touches the devices.
   from dtf_jax.train import mesh, metrics  # pylint: disable=import-outside-toplevel

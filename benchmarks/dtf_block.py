@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dtf_jax import host_memory, ops, xla_flags
+from dtf_jax import ops, xla_flags
 from dtf_jax.layers.dtf_block import DTFBlock
 from kernel_ops import time_ms  # same timing as the kernel benchmark: median after warm-up
 
@@ -89,5 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  host_memory.relaunch_with_huge_pages()  # the allocator setting train.py runs with
   sys.exit(main())

@@ -34,7 +34,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dtf_jax import host_memory, xla_flags  # noqa: E402
+from dtf_jax import xla_flags  # noqa: E402
 
 xla_flags.add_default_flags()  # the flags train.py runs with
 
@@ -151,5 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  host_memory.relaunch_with_huge_pages()  # the allocator setting train.py runs with
   sys.exit(main())

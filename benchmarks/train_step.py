@@ -36,11 +36,9 @@ with ``--batch`` / ``--image-size``).
 
 Threads: PyTorch uses ``--threads`` intra-op threads (default: all cores); XLA:CPU uses all cores.
 
-Host allocator: by default both frameworks run with glibc's defaults (as in every run recorded
-before ``--huge-pages`` existed). ``--huge-pages`` relaunches the script the way ``train.py``
-relaunches itself (``dtf_jax.host_memory``: glibc's ``glibc.malloc.hugetlb=1``, transparent huge pages
-for large allocations); the setting is process-wide, so the PyTorch steps of that run get it too (it
-speeds up both; ``benchmarks/README.md`` has the figures).
+Host allocator: the header prints ``GLIBC_TUNABLES`` and the kernel's transparent-huge-page mode,
+which change both frameworks' step times (``benchmarks/README.md``, page faults): e.g.
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/train_step.py`` runs both with huge pages.
 """
 
 from __future__ import annotations
@@ -69,7 +67,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dtf_jax import convert, host_memory, xla_flags  # noqa: E402
+from dtf_jax import convert, xla_flags  # noqa: E402
 from dtf_jax.train import optim, steps  # noqa: E402
 from torch_reference import resnet as torch_resnet  # noqa: E402
 from torch_reference import swin as torch_swin  # noqa: E402
@@ -314,6 +312,16 @@ def _process_cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
+def transparent_huge_page_mode(path: str = '/sys/kernel/mm/transparent_hugepage/enabled') -> str:
+  """The kernel's THP mode (``always`` / ``madvise`` / ``never``), or ``unknown``."""
+  try:
+    with open(path) as f:
+      match = re.search(r'\[(\w+)\]', f.read())
+  except OSError:
+    return 'unknown'
+  return match.group(1) if match else 'unknown'
+
+
 def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
   """float32 FLOP/s of a jitted ``size x size`` matmul on the default device (fastest of ``repeats``).
 
@@ -471,9 +479,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--override', action='append', default=[], metavar='KEY=VALUE',
                       help='dtf_jax model override, e.g. dtype=bfloat16 or remat=True (repeatable)')
   parser.add_argument('--json', default=None, help='also write the result rows to this file')
-  parser.add_argument('--huge-pages', action='store_true',
-                      help='relaunch with glibc.malloc.hugetlb=1 as train.py does (process-wide: '
-                           'both frameworks get it)')
   parser.add_argument('--from-json', default=None, metavar='FILE',
                       help='print the tables of an earlier --json run instead of measuring')
   args = parser.parse_args(argv)
@@ -487,8 +492,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
   xla_flags.add_default_flags()  # the flags train.py runs with (before the first computation)
-  if args.huge_pages:
-    host_memory.relaunch_with_huge_pages()  # returns where it changes nothing (see the module)
   tunables = os.environ.get('GLIBC_TUNABLES', '')
   names = [n.strip() for n in args.models.split(',') if n.strip()]
   unknown = [n for n in names if n not in NETWORKS]
@@ -511,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         f'load average {load:.2f}')
   print(f'XLA_FLAGS: {os.environ.get("XLA_FLAGS", "") or "(none)"}')
   print(f'host allocator (both frameworks): GLIBC_TUNABLES={tunables or "(none)"}, transparent huge '
-        f'pages {host_memory.thp_mode() or "unknown"}')
+        f'pages {transparent_huge_page_mode()}')
   peak = matmul_peak_flops()
   print(f'float32 matmul peak (2048^3, jitted, fastest of 10; measured again at the end): '
         f'{peak / 1e9:.0f} GFLOP/s')

@@ -112,3 +112,12 @@ def test_jax_runner_leaves_parameters_outside_the_loss_alone_like_torch_sgd(monk
   np.testing.assert_array_equal(after['spare']['bias'], before['spare']['bias'])
   # Used parameters move: by the SGD step with weight decay (fc) at least.
   assert not np.allclose(after['fc']['kernel'], before['fc']['kernel'])
+
+
+def test_transparent_huge_page_mode_is_read_from_the_kernel_file(tmp_path):
+  path = tmp_path / 'enabled'
+  for text, mode in (('always [madvise] never\n', 'madvise'), ('[always] madvise never\n', 'always'),
+                     ('always madvise [never]\n', 'never')):
+    path.write_text(text)
+    assert train_step.transparent_huge_page_mode(str(path)) == mode
+  assert train_step.transparent_huge_page_mode(str(tmp_path / 'missing')) == 'unknown'
