@@ -4,11 +4,11 @@ A network's training step is mostly its convolutions (ResNets) or token matmuls 
 script answers whether the two frameworks run *those* at the same speed on this machine: for every
 ``Conv*`` / ``Linear`` layer of the PyTorch network of ``train_step.py`` (the conversion tests'
 reference) and of the dtf_jax network converted from it (same weights, same inputs), it records the
-layer's input shape during one forward, then times the layer alone, forward + backward (input
-gradient, weight and bias gradients), PyTorch and dtf_jax alternating, median of ``--repeats``. Layers of one shape are timed
-once and counted. It prints one row per layer shape and the totals: the time the step's layers take
-in each framework, measured without the rest of the step. (The first layer, which reads the
-video, gets no input gradient, as in the step.) With ``--step`` it also times both
+layer's input shape during one forward, then times the layer alone, forward + backward (input,
+weight and bias gradients; no input gradient for the first layer, which reads the video, as in the
+step), PyTorch and dtf_jax alternating, median of ``--repeats``. Layers of one shape are timed once
+and counted. It prints one row per layer shape and the totals: the time the step's layers take in
+each framework, measured without the rest of the step. With ``--step`` it also times both
 frameworks' whole training step (alternating) so the table shows what the layers leave to
 everything else (normalisation, activations, attention, the temporal modules, the optimiser).
 

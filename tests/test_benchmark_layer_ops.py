@@ -1,4 +1,4 @@
-"""``benchmarks/layer_ops.py``: layer calls are recorded, counted and paired correctly, and its tables add up.
+"""``benchmarks/layer_ops.py``: layer calls are recorded, counted and paired right; its tables add up.
 
 The FLOPs of recorded calls are checked against hand counts on a small two-framework model, the
 pairing against deliberately mismatched call lists, and a smoke run of the real script (tiny
@@ -15,7 +15,8 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-_BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BENCHMARKS = os.path.join(_REPO, 'benchmarks')
 sys.path.insert(0, _BENCHMARKS)
 import layer_ops  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -52,11 +53,14 @@ class _JaxNet(nnx.Module):
 def test_recorded_calls_have_the_hand_counted_flops_and_pair_up():
   rng = np.random.default_rng(0)
   video = rng.normal(size=(2, 2, 6, 6, 3)).astype(np.float32)  # N, T, H, W, C
-  torch_calls = layer_ops.torch_layer_calls(_TorchNet(), torch.from_numpy(video.transpose(0, 4, 1, 2, 3)))
+  torch_video = torch.from_numpy(video.transpose(0, 4, 1, 2, 3))
+  torch_calls = layer_ops.torch_layer_calls(_TorchNet(), torch_video)
   jax_calls = layer_ops.jax_layer_calls(_JaxNet(nnx.Rngs(0)), jax.numpy.asarray(video))
-  # Hand counts: conv1 writes 2*8*2*6*6 outputs of fan-in 3*9, no input gradient (reads the video):
-  # forward + weight gradient; conv2 writes 2*4*2*3*3 outputs of fan-in 8, three products; fc 2*5 x 4.
-  expected = [2 * 2 * (2 * 8 * 2 * 6 * 6) * 27, 3 * 2 * (2 * 4 * 2 * 3 * 3) * 8, 3 * 2 * (2 * 5) * 4]
+  # Hand counts: conv1 writes 2*8*2*6*6 outputs of fan-in 3*9, no input gradient (it reads the
+  # video): forward + weight gradient; conv2 writes 2*4*2*3*3 outputs of fan-in 8, three products;
+  # fc 2*5 outputs of fan-in 4.
+  expected = [2 * 2 * (2 * 8 * 2 * 6 * 6) * 27, 3 * 2 * (2 * 4 * 2 * 3 * 3) * 8,
+              3 * 2 * (2 * 5) * 4]
   for calls in (torch_calls, jax_calls):
     assert [layer_ops.layer_flops(c['out_numel'], c['fan_in'], c['input_grad'])
             for c in calls] == expected
@@ -64,7 +68,8 @@ def test_recorded_calls_have_the_hand_counted_flops_and_pair_up():
   assert [c['shape'] for c in torch_calls] == [(2, 3, 2, 6, 6), (2, 8, 2, 6, 6), (2, 4)]
   groups = layer_ops.pair_layers(torch_calls, jax_calls, where='net')
   assert [g[0] for g in groups.values()] == [1, 1, 1]
-  assert [k[0] for k in groups] == ['Conv3d 1x3x3/1x1x1 3->8', 'Conv3d 1x1x1/1x2x2 8->4', 'Linear 4->5']
+  assert [k[0] for k in groups] == ['Conv3d 1x3x3/1x1x1 3->8', 'Conv3d 1x1x1/1x2x2 8->4',
+                                    'Linear 4->5']
   # The recorder is removed again: the model's layers call their own functions afterwards.
   net = _JaxNet(nnx.Rngs(0))
   layer_ops.jax_layer_calls(net, jax.numpy.asarray(video))
@@ -91,7 +96,8 @@ def test_smoke_run_rows_add_up(capsys):
   assert layer_ops.main(['c2d_resnet50', '--batch', '1', '--image-size', '32', '--repeats', '1',
                          '--step', '--threads', threads]) == 0
   out = capsys.readouterr().out
-  rows = re.findall(r'^\| (Conv3d|Linear)[^|]*\| [\dx]+ \| (\d+) \| ([\d.]+) \| ([\d.]+) \|', out, re.M)
+  rows = re.findall(r'^\| (Conv3d|Linear)[^|]*\| [\dx]+ \| (\d+) \| ([\d.]+) \| ([\d.]+) \|',
+                    out, re.M)
   assert rows and rows[0][0] == 'Conv3d'
   calls = sum(int(r[1]) for r in rows)
   total = re.search(r'^\| all layers \| \| (\d+) \| (\d+) \| (\d+) \|', out, re.M)
