@@ -46,6 +46,8 @@ def main(argv):
   metrics.quiet_library_logs()
   mesh.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                               mode=FLAGS.distributed)
+  from dtf_jax import host_memory  # pylint: disable=import-outside-toplevel
+  host_memory.reuse_step_memory()  # CPU: no fresh page faults for every step's buffers
   from dtf_jax.train import checkpointing, trainer  # pylint: disable=import-outside-toplevel
   output_dir = FLAGS.output_dir
   if output_dir is None:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dtf_jax import ops, xla_flags
+from dtf_jax import host_memory, ops, xla_flags
 from dtf_jax.layers.dtf_block import DTFBlock
 from kernel_ops import time_ms  # same timing as the kernel benchmark: median after warm-up
 
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--repeats', type=int, default=9, help='timed runs per shape (median)')
   args = parser.parse_args(argv)
   xla_flags.add_default_flags()  # the flags train.py runs with (before the first computation)
+  host_memory.reuse_step_memory()  # as train.py does
   if args.repeats < 1:
     parser.error('--repeats must be >= 1')
   for name in args.network or sorted(NETWORKS):

@@ -35,7 +35,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train_step  # noqa: E402  (sets up the repository and torch_reference imports)
-from dtf_jax import xla_flags  # noqa: E402
+from dtf_jax import host_memory, xla_flags  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.repeats < 1:
     parser.error('--repeats must be >= 1')
   xla_flags.add_default_flags()
+  host_memory.reuse_step_memory()  # as train.py does
   torch.set_num_threads(args.threads)
   batch, size = train_step.CPU_SIZES[train_step.NETWORKS[args.model].family]
   torch_runner, jax_runner = train_step.build_pair(args.model, args.batch or batch,

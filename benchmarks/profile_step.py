@@ -34,9 +34,10 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dtf_jax import xla_flags  # noqa: E402
+from dtf_jax import host_memory, xla_flags  # noqa: E402
 
 xla_flags.add_default_flags()  # the flags train.py runs with
+host_memory.reuse_step_memory()  # as train.py does
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -24,6 +24,10 @@ set just before it (``/proc/self/clear_refs`` resets the mark; freed heap memory
 and optimiser state: activations, gradients, temporaries. On a GPU: PyTorch's allocator peak over
 the step (``torch.cuda.max_memory_allocated`` after a reset) and, for dtf_jax, the compiled step's
 temporary buffer (XLA memory analysis; JAX's device peak counter cannot be reset between steps).
+Memory is measured in ``MEMORY_STEPS`` extra steps per framework after the timed ones, never in a
+timed step: ``malloc_trim`` makes the next step fault its heap memory in afresh, which slowed
+PyTorch's steps by 15-22% when both were done in the same steps (before run N). The table of CPU
+seconds also gives the minor page faults of a timed training step per framework.
 
 Sizes: on CPU the issue's measurement sizes (ResNets: batch 2, 16 frames, 112x112; Swin-S: batch 1,
 16 frames, 224x224); on a GPU the recipe's (24 clips of 16 frames at 224x224 per device; override
@@ -36,8 +40,11 @@ with ``--batch`` / ``--image-size``).
 
 Threads: PyTorch uses ``--threads`` intra-op threads (default: all cores); XLA:CPU uses all cores.
 
-Host allocator: the header prints ``GLIBC_TUNABLES`` and the kernel's transparent-huge-page mode,
-which change both frameworks' step times (``benchmarks/README.md``, page faults): e.g.
+Host allocator: like ``train.py``, the script calls ``dtf_jax.host_memory.reuse_step_memory`` first
+(XLA's per-step buffers stay mapped; ``DTF_JAX_REUSE_STEP_MEMORY=0`` measures without it; its
+``mallopt`` settings apply to PyTorch's heap too). The header prints it, ``GLIBC_TUNABLES`` and the
+kernel's transparent-huge-page mode, which change both frameworks' step times
+(``benchmarks/README.md``, page faults): e.g.
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/train_step.py`` runs both with huge pages.
 """
 
@@ -67,7 +74,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dtf_jax import convert, xla_flags  # noqa: E402
+from dtf_jax import convert, host_memory, xla_flags  # noqa: E402
 from dtf_jax.train import optim, steps  # noqa: E402
 from torch_reference import resnet as torch_resnet  # noqa: E402
 from torch_reference import swin as torch_swin  # noqa: E402
@@ -78,6 +85,7 @@ LEARNING_RATE = 1e-4  # small: the benchmark repeats steps on one batch; speed d
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 CLIP_NORM = 40.0
+MEMORY_STEPS = 2  # untimed training steps per framework that measure peak memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +314,11 @@ def build_pair(name: str, batch: int, image_size: int, *, seed: int = 0, on_gpu:
 # Measurement.
 # ------------------------------------------------------------------------------------------------
 
+def _minor_page_faults() -> int:
+  """Minor page faults of this process so far (pages the kernel had to map in on first touch)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _process_cpu_seconds() -> float:
   """User + system CPU time of this process (all threads)."""
   usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -353,36 +366,45 @@ def measure(name: str, *, batch: int, image_size: int, repeats: int, warmup: int
   log(f'  {name}: built + compiled in {time.perf_counter() - t0:.0f} s '
       f'(XLA compile: forward {row["forward_compile_s"]:.0f} s, train {row["train_compile_s"]:.0f} s)')
   runners = {'torch': torch_runner, 'jax': jax_runner}
-  memory = PeakMemory(on_gpu)
   times = {(fw, kind): [] for fw in runners for kind in ('forward', 'train')}
   cpu_times = {(fw, kind): [] for fw in runners for kind in ('forward', 'train')}
-  peaks = {fw: [] for fw in runners}
+  faults = {fw: [] for fw in runners}
   for r in range(warmup + repeats):
     order = ('torch', 'jax') if r % 2 == 0 else ('jax', 'torch')
     for kind in ('forward', 'train'):
       for fw in order:
         runner = runners[fw]
         fn = runner.run_forward if kind == 'forward' else runner.run_train
-        if kind == 'train':
-          memory.start()
+        faults_start = _minor_page_faults()
         cpu_start = _process_cpu_seconds()
         start = time.perf_counter()
         fn()
         elapsed = time.perf_counter() - start
         cpu_elapsed = _process_cpu_seconds() - cpu_start
-        if kind == 'train':
-          peak = memory.stop(fw)
         if r >= warmup:
           times[fw, kind].append(elapsed)
           cpu_times[fw, kind].append(cpu_elapsed)
           if kind == 'train':
-            peaks[fw].append(peak)
+            faults[fw].append(_minor_page_faults() - faults_start)
+  # Peak memory in steps of their own, after the timed ones: resetting the high-water mark
+  # starts with malloc_trim, which hands the allocator's free memory back to the kernel, so the
+  # next step faults it in again (PyTorch's heap: ~144k instead of ~15k page faults per
+  # DTF-R50 step, +15-22% step time). Timing such steps made PyTorch look slower than it is
+  # (benchmarks/README.md, run N).
+  memory = PeakMemory(on_gpu)
+  peaks = {fw: [] for fw in runners}
+  for _ in range(MEMORY_STEPS):
+    for fw, runner in runners.items():
+      memory.start()
+      runner.run_train()
+      peaks[fw].append(memory.stop(fw))
   for (fw, kind), values in times.items():
     row[f'{fw}_{kind}_ms'] = 1e3 * statistics.median(values)
     row[f'{fw}_{kind}_all_ms'] = [round(1e3 * v, 1) for v in values]
     row[f'{fw}_{kind}_cpu_ms'] = 1e3 * statistics.median(cpu_times[fw, kind])
   for fw, values in peaks.items():
     row[f'{fw}_train_peak_bytes'] = max(values)
+    row[f'{fw}_train_minor_faults'] = statistics.median(faults[fw]) if faults[fw] else float('nan')
   if on_gpu:
     row['jax_train_peak_bytes'] = row['train_xla_temp_bytes']
   for kind in ('forward', 'train'):
@@ -426,11 +448,14 @@ def format_table(rows: list[dict], peak_flops: float) -> str:
           f'{r[f"jax_{kind}_ms"]:.0f} | {r[f"{kind}_ratio"]:.2f} | '
           f'{r["batch"] / (r[f"jax_{kind}_ms"] / 1e3):.2f} | {mem_t} | {mem_j} | '
           f'{flops / 1e9:.0f} ({100 * flops / peak_flops:.0f}%) |')
-  lines += ['', '| network | PyTorch train CPU-s | dtf_jax train CPU-s | '
-            'dtf_jax compile s (fwd / train) |', '|---|---|---|---|']
+  lines += ['', '| network | PyTorch train CPU-s | dtf_jax train CPU-s | PyTorch / dtf_jax page '
+            'faults per train step | dtf_jax compile s (fwd / train) |', '|---|---|---|---|---|']
   for r in rows:  # process CPU time (user + system, all threads) per step: load-robust cost
+    faults = '-'  # (rows of runs before N have no fault counts)
+    if 'torch_train_minor_faults' in r:
+      faults = f'{r["torch_train_minor_faults"]:.0f} / {r["jax_train_minor_faults"]:.0f}'
     lines.append(f'| {r["model"]} | {r["torch_train_cpu_ms"] / 1e3:.2f} | '
-                 f'{r["jax_train_cpu_ms"] / 1e3:.2f} | {r["forward_compile_s"]:.0f} / '
+                 f'{r["jax_train_cpu_ms"] / 1e3:.2f} | {faults} | {r["forward_compile_s"]:.0f} / '
                  f'{r["train_compile_s"]:.0f} |')
   overhead = [r for r in rows if 'overhead_ratio' in r]
   if overhead:
@@ -492,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
   xla_flags.add_default_flags()  # the flags train.py runs with (before the first computation)
+  reused = host_memory.reuse_step_memory()  # as train.py does (process-wide: PyTorch's heap too)
   tunables = os.environ.get('GLIBC_TUNABLES', '')
   names = [n.strip() for n in args.models.split(',') if n.strip()]
   unknown = [n for n in names if n not in NETWORKS]
@@ -514,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         f'load average {load:.2f}')
   print(f'XLA_FLAGS: {os.environ.get("XLA_FLAGS", "") or "(none)"}')
   print(f'host allocator (both frameworks): GLIBC_TUNABLES={tunables or "(none)"}, transparent huge '
-        f'pages {transparent_huge_page_mode()}')
+        f'pages {transparent_huge_page_mode()}, dtf_jax.host_memory.reuse_step_memory '
+        f'{"applied" if reused else f"off ({host_memory.ENV_SWITCH}=0 or not a glibc CPU run)"}')
   peak = matmul_peak_flops()
   print(f'float32 matmul peak (2048^3, jitted, fastest of 10; measured again at the end): '
         f'{peak / 1e9:.0f} GFLOP/s')
@@ -535,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(dict(device=device.device_kind, matmul_peak_flops=peak, load_average=[load, load_end],
-                     overrides=overrides, glibc_tunables=tunables, rows=rows), f, indent=1)
+                     overrides=overrides, glibc_tunables=tunables, reuse_step_memory=reused,
+                     rows=rows), f, indent=1)
   return 0
 
 

@@ -38,6 +38,8 @@ def test_smoke_run_prints_the_table_and_writes_consistent_rows(tmp_path, capsys)
     assert row[f'{kind}_flops'] > 0
   assert saved['matmul_peak_flops'] > 0
   assert saved['glibc_tunables'] == os.environ.get('GLIBC_TUNABLES', '')  # left as it was
+  assert isinstance(saved['reuse_step_memory'], bool)
+  assert 'reuse_step_memory ' in printed
   assert 'host allocator (both frameworks): GLIBC_TUNABLES=' in printed
   # Reprinting from the JSON gives the tables the measuring run printed.
   assert train_step.main(['--from-json', str(out)]) == 0
@@ -121,3 +123,37 @@ def test_transparent_huge_page_mode_is_read_from_the_kernel_file(tmp_path):
     path.write_text(text)
     assert train_step.transparent_huge_page_mode(str(path)) == mode
   assert train_step.transparent_huge_page_mode(str(tmp_path / 'missing')) == 'unknown'
+
+
+def test_no_timed_step_follows_a_memory_reset(monkeypatch):
+  """Peak memory is measured in extra steps: a timed step never runs right after malloc_trim.
+
+  ``PeakMemory.start`` hands the allocator's free memory back to the kernel, so the step after it
+  faults its heap in afresh (+15-22% PyTorch step time). The event log must show every timed train
+  step outside a start/stop pair and exactly ``MEMORY_STEPS`` wrapped steps per framework after them.
+  """
+  events = []
+  for cls, fw in ((train_step.TorchRunner, 'torch'), (train_step.JaxRunner, 'jax')):
+    original = cls.run_train
+    monkeypatch.setattr(cls, 'run_train',
+                        lambda self, _o=original, _fw=fw: (events.append(('train', _fw)), _o(self)))
+  start, stop = train_step.PeakMemory.start, train_step.PeakMemory.stop
+  monkeypatch.setattr(train_step.PeakMemory, 'start',
+                      lambda self: (events.append(('start', None)), start(self)))
+  monkeypatch.setattr(train_step.PeakMemory, 'stop',
+                      lambda self, fw: (events.append(('stop', fw)), stop(self, fw))[1])
+  row = train_step.measure('c2d_resnet50', batch=1, image_size=32, repeats=2, warmup=1,
+                           on_gpu=False, log=lambda *_: None)
+  first_start = events.index(('start', None))
+  timed = events[:first_start]
+  assert ('start', None) not in timed and all(e[0] == 'train' for e in timed)
+  assert sorted(timed) == sorted([('train', 'torch'), ('train', 'jax')] * 3)  # warm-up + 2 repeats
+  wrapped = events[first_start:]
+  assert len(wrapped) == 3 * 2 * train_step.MEMORY_STEPS
+  for i in range(0, len(wrapped), 3):
+    (kind_a, _), (kind_b, fw), (kind_c, fw_stop) = wrapped[i:i + 3]
+    assert (kind_a, kind_b, kind_c) == ('start', 'train', 'stop') and fw == fw_stop
+  for fw in ('torch', 'jax'):
+    assert row[f'{fw}_train_peak_bytes'] > 0
+    assert row[f'{fw}_train_minor_faults'] >= 0
+    assert len(row[f'{fw}_train_all_ms']) == 2

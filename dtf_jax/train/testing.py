@@ -199,6 +199,8 @@ def main(argv=None):
   metrics.quiet_library_logs()
   from dtf_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   mesh_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  from dtf_jax import host_memory  # pylint: disable=import-outside-toplevel
+  host_memory.reuse_step_memory()  # as train.py does
   from dtf_jax.train import trainer  # pylint: disable=import-outside-toplevel
   register_tiny_model()
   overrides = {}
