@@ -91,12 +91,13 @@ def torch_layer_calls(model: torch.nn.Module, video: torch.Tensor) -> list[dict]
 def jax_layer_calls(model: nnx.Module, video: jax.Array) -> list[dict]:
   """The ``nnx.Conv`` / ``nnx.Linear`` layers of one eval-mode forward, in call order."""
   calls = []
-  layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, (nnx.Conv, nnx.Linear))]
-  originals = {}
-  for m in layers:
+  patched = []  # (layer, attribute, its own function), restored below
+  for _, m in nnx.iter_graph(model):
+    if not isinstance(m, (nnx.Conv, nnx.Linear)):
+      continue
     attr = 'conv_general_dilated' if isinstance(m, nnx.Conv) else 'dot_general'
     original = getattr(m, attr)
-    originals[id(m)] = (attr, original)
+    patched.append((m, attr, original))
 
     def recorder(lhs, rhs, *args, _m=m, _fn=original, **kwargs):
       out = _fn(lhs, rhs, *args, **kwargs)
@@ -109,8 +110,7 @@ def jax_layer_calls(model: nnx.Module, video: jax.Array) -> list[dict]:
   try:
     model(video)
   finally:
-    for m in layers:
-      attr, original = originals[id(m)]
+    for m, attr, original in patched:
       setattr(m, attr, original)
   for c in calls:  # kernel (..., in/groups, out): the fan-in PyTorch counts
     c['fan_in'] = int(np.prod(c['module'].kernel.shape[:-1]))

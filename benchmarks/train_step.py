@@ -314,15 +314,13 @@ def build_pair(name: str, batch: int, image_size: int, *, seed: int = 0, on_gpu:
 # Measurement.
 # ------------------------------------------------------------------------------------------------
 
-def _minor_page_faults() -> int:
-  """Minor page faults of this process so far (pages the kernel had to map in on first touch)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def _process_usage() -> tuple[float, int]:
+  """(user + system CPU seconds of all threads, minor page faults) of this process so far.
 
-
-def _process_cpu_seconds() -> float:
-  """User + system CPU time of this process (all threads)."""
+  Minor faults are pages the kernel had to map in on first touch; one ``getrusage`` reads both.
+  """
   usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
+  return usage.ru_utime + usage.ru_stime, usage.ru_minflt
 
 
 def transparent_huge_page_mode(path: str = '/sys/kernel/mm/transparent_hugepage/enabled') -> str:
@@ -375,17 +373,16 @@ def measure(name: str, *, batch: int, image_size: int, repeats: int, warmup: int
       for fw in order:
         runner = runners[fw]
         fn = runner.run_forward if kind == 'forward' else runner.run_train
-        faults_start = _minor_page_faults()
-        cpu_start = _process_cpu_seconds()
+        cpu_start, faults_start = _process_usage()
         start = time.perf_counter()
         fn()
         elapsed = time.perf_counter() - start
-        cpu_elapsed = _process_cpu_seconds() - cpu_start
+        cpu_end, faults_end = _process_usage()
         if r >= warmup:
           times[fw, kind].append(elapsed)
-          cpu_times[fw, kind].append(cpu_elapsed)
+          cpu_times[fw, kind].append(cpu_end - cpu_start)
           if kind == 'train':
-            faults[fw].append(_minor_page_faults() - faults_start)
+            faults[fw].append(faults_end - faults_start)
   # Peak memory in steps of their own, after the timed ones: resetting the high-water mark
   # starts with malloc_trim, which hands the allocator's free memory back to the kernel, so the
   # next step faults it in again (PyTorch's heap: ~144k instead of ~15k page faults per
@@ -404,7 +401,7 @@ def measure(name: str, *, batch: int, image_size: int, repeats: int, warmup: int
     row[f'{fw}_{kind}_cpu_ms'] = 1e3 * statistics.median(cpu_times[fw, kind])
   for fw, values in peaks.items():
     row[f'{fw}_train_peak_bytes'] = max(values)
-    row[f'{fw}_train_minor_faults'] = statistics.median(faults[fw]) if faults[fw] else float('nan')
+    row[f'{fw}_train_minor_faults'] = statistics.median(faults[fw])  # (repeats >= 1)
   if on_gpu:
     row['jax_train_peak_bytes'] = row['train_xla_temp_bytes']
   for kind in ('forward', 'train'):
