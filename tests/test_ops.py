@@ -369,6 +369,39 @@ def test_check_grads_every_input(x64, case):
     check_grads(f, (args[i],), order=1, modes=['rev'])
 
 
+# (N, T, H, W, C, K, d): T = 1 (no previous / next frame), dilation 2, K = 5, H != W.
+FRAME_WISE_CASES = ((2, 3, 4, 5, 3, 3, 1), (1, 1, 4, 5, 2, 3, 1), (1, 3, 5, 4, 2, 3, 2),
+                    (1, 2, 6, 5, 4, 5, 1), (1, 2, 3, 4, 2, 1, 1))
+
+
+@pytest.mark.parametrize('case', FRAME_WISE_CASES, ids=lambda c: 'N{}T{}H{}W{}C{}K{}d{}'.format(*c))
+def test_frame_wise_hand_written_backward_matches_autodiff_of_reference(x64, case):
+  """impl='xla' runs ``ops.frame_wise`` (unrolled taps, custom VJP); its gradients w.r.t. x and
+  weight, for cotangents on both outputs, equal autodiff of the tap-loop oracle in float64."""
+  from dtf_jax.ops import frame_wise, reference  # pylint: disable=g-import-not-at-top
+  *shape, k_size, d = case
+  rng = np.random.default_rng(zlib.crc32(repr(case).encode()))
+  x, weight = (jnp.asarray(a) for a in make_inputs('frame_wise_aggregation', shape, k_size, 1, rng))
+  du = jnp.asarray(rng.normal(size=x.shape))
+  dr = jnp.asarray(rng.normal(size=(*x.shape[:-1], k_size * k_size)))
+
+  def loss(fn):
+    def f(x, weight):
+      u, r = fn(x, weight, kernel_size=k_size, dilation=d)
+      return jnp.sum(u * du) + jnp.sum(r * dr)
+    return f
+
+  got = jax.grad(loss(frame_wise.frame_wise_aggregation), argnums=(0, 1))(x, weight)
+  want = jax.grad(loss(reference.frame_wise_aggregation), argnums=(0, 1))(x, weight)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape and g.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-11, atol=1e-11)
+  # The public op's 'xla' path is the hand-written one.
+  u, _ = call('frame_wise_aggregation', (x, weight), k_size, d, 1)
+  u_ref, _ = reference.frame_wise_aggregation(x, weight, kernel_size=k_size, dilation=d)
+  np.testing.assert_allclose(np.asarray(u), np.asarray(u_ref), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize('op', ('deformable_correlation', 'deformable_aggregation'))
 def test_offset_gradient_at_integer_points_is_one_sided(x64, op):
   """At integer sampling points the offset gradient is d/dpy over the cell [y0, y0+1] (SPEC 2.3).

@@ -7,7 +7,8 @@ Every such function does one thing: ``_select(op_name, impl, xla_fn)(*arrays, **
 ``_select`` is the only place that decides between implementations, and ``_pallas_implementation``
 the only place that looks a Pallas kernel up (in the top-level ``kernels`` package, which never
 imports ``dtf_jax``). Behaviour:
-  * ``'xla'``: the pure-jnp reference in ``dtf_jax.ops.reference``;
+  * ``'xla'``: the pure-jnp reference in ``dtf_jax.ops.reference`` (for ``frame_wise_aggregation``
+    its unrolled twin with a hand-written backward, ``dtf_jax.ops.frame_wise``: same values);
   * ``'pallas'``: the Pallas kernels: compiled (Triton) when lowered for ``cuda``, Pallas interpret
     mode on any other platform (slow; for tests and debugging);
   * ``'auto'``: the compiled Pallas kernels when lowered for ``cuda``, the XLA reference elsewhere.
@@ -26,6 +27,7 @@ from collections.abc import Callable
 
 import jax
 
+from dtf_jax.ops import frame_wise
 from dtf_jax.ops import reference
 
 Array = jax.Array
@@ -95,5 +97,5 @@ def deformable_aggregation(x: Array, offsets: Array, attn: Array, *, kernel_size
 
 def frame_wise_aggregation(x: Array, weight: Array, *, kernel_size: int, dilation: int,
                            impl: str) -> tuple[Array, Array]:
-  fn = _select('frame_wise_aggregation', impl, reference.frame_wise_aggregation)
+  fn = _select('frame_wise_aggregation', impl, frame_wise.frame_wise_aggregation)
   return fn(x, weight, kernel_size=kernel_size, dilation=dilation)
