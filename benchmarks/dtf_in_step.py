@@ -1,0 +1,163 @@
+"""What the DTF blocks cost inside a training step, and how the VM's phase moves the speed-up.
+
+Part 1 (always): the dtf_jax training step of a DTF network (the step of ``train_step.py``) compiled
+three times, with every ``DTFBlock`` as it is, with only its frame-wise aggregation (steps 1-4,
+``u + mean_k(r)``, so both outputs stay live) and replaced by the identity, timed alternating in one
+process. The differences are what the blocks, their frame-wise aggregation and their spectral path
+(steps 5-10) cost in the step, which ``dtf_block.py`` (the blocks alone) can only approximate.
+
+Part 2 (``--pytorch-rounds N``): the same network in PyTorch and dtf_jax (``train_step.build_pair``),
+N rounds of: ``--repeats`` dtf_jax steps in a row, as many PyTorch steps in a row, as many
+PyTorch/dtf_jax pairs. Per round the speed-up with each framework alone and interleaved: whether
+running next to the other framework costs either one anything, and how far one process's rounds
+drift apart (the VM's speed phases).
+
+  python benchmarks/dtf_in_step.py                                        # DTF-R50, ~2 min
+  python benchmarks/dtf_in_step.py --pytorch-rounds 3                     # + part 2, ~4 min more
+  python benchmarks/dtf_in_step.py --network c2d_dtf_swin_vit_s_p4_w7     # ~5 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dtf_jax import host_memory, xla_flags  # noqa: E402
+
+xla_flags.add_default_flags()  # the flags train.py runs with
+host_memory.reuse_step_memory()  # as train.py does
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import train_step  # noqa: E402  (sizes, the jitted step, the PyTorch pair)
+from dtf_jax import ops  # noqa: E402
+from dtf_jax.layers import dtf_block  # noqa: E402
+from dtf_jax.models import create_model  # noqa: E402
+
+DTF_NETWORKS = ('c2d_dtf_resnet50', 'c2d_dtf_swin_vit_s_p4_w7')
+MODEL_OVERRIDES: dict = {}  # create_model keywords for part 1 (the tests shrink the network)
+
+
+def _aggregation_only(block: dtf_block.DTFBlock, x):
+  u, r = ops.frame_wise_aggregation(x, block.weights_cor[...], kernel_size=block.kernel_size,
+                                    dilation=1, impl=block.kernel_impl)
+  return u + jnp.mean(r, axis=-1, keepdims=True)
+
+
+VARIANTS = {
+    'DTF blocks as they are': None,
+    'frame-wise aggregation only': _aggregation_only,
+    'DTF blocks = identity': lambda block, x: x,
+}
+
+
+@contextlib.contextmanager
+def _block_call(replacement):
+  """``DTFBlock.__call__`` replaced by ``replacement`` (``None``: unchanged) while tracing."""
+  original = dtf_block.DTFBlock.__call__
+  if replacement is not None:
+    dtf_block.DTFBlock.__call__ = replacement
+  try:
+    yield
+  finally:
+    dtf_block.DTFBlock.__call__ = original
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return (time.perf_counter() - start) * 1e3
+
+
+def decompose(network: str, batch: int, image_size: int, repeats: int) -> dict[str, float]:
+  """Median step ms of each of ``VARIANTS``, alternating (order flipped every repeat)."""
+  rng = np.random.default_rng(0)
+  video = jnp.asarray(rng.normal(size=(batch, train_step.CLIP_LENGTH, image_size, image_size, 3)),
+                      jnp.float32)
+  labels = jnp.asarray(rng.integers(0, train_step.NUM_CLASSES, size=(batch,)), jnp.int32)
+  runners = {}
+  for name, replacement in VARIANTS.items():
+    model = create_model(network, num_classes=train_step.NUM_CLASSES,
+                         clip_length=train_step.CLIP_LENGTH, image_size=image_size,
+                         rngs=nnx.Rngs(0), **MODEL_OVERRIDES)
+    with _block_call(replacement):  # the runner traces the loss (trainable mask) when built
+      runner = train_step.JaxRunner(model, video, labels)
+      seconds = _timed(runner.run_train) / 1e3  # traces, compiles and runs once
+    runner.run_train()  # warm-up
+    print(f'  {name}: compiled in {seconds:.0f} s', flush=True)
+    runners[name] = runner
+  times = {name: [] for name in runners}
+  order = list(runners)
+  for i in range(repeats):
+    for name in (order if i % 2 == 0 else order[::-1]):
+      times[name].append(_timed(runners[name].run_train))
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def pytorch_rounds(network: str, batch: int, image_size: int, repeats: int, rounds: int):
+  """[(dtf_jax alone, dtf_jax after PyTorch, PyTorch alone, PyTorch after dtf_jax) ms] per round."""
+  torch_runner, jax_runner = train_step.build_pair(network, batch, image_size)
+  for _ in range(2):
+    jax_runner.run_train()
+    torch_runner.run_train()
+  out = []
+  for _ in range(rounds):
+    jax_alone = [_timed(jax_runner.run_train) for _ in range(repeats)]
+    torch_alone = [_timed(torch_runner.run_train) for _ in range(repeats)]
+    jax_after, torch_after = [], []
+    for _ in range(repeats):
+      torch_after.append(_timed(torch_runner.run_train))
+      jax_after.append(_timed(jax_runner.run_train))
+    out.append(tuple(statistics.median(t) for t in (jax_alone, jax_after, torch_alone, torch_after)))
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--network', choices=DTF_NETWORKS, default=DTF_NETWORKS[0])
+  parser.add_argument('--repeats', type=int, default=13, help='timed steps per variant (median)')
+  parser.add_argument('--batch', type=int, default=None, help='override the batch size')
+  parser.add_argument('--image-size', type=int, default=None, help='override the frame size')
+  parser.add_argument('--pytorch-rounds', type=int, default=0,
+                      help='also run part 2 with this many rounds (needs torch)')
+  args = parser.parse_args(argv)
+  if args.repeats < 1 or args.pytorch_rounds < 0:
+    parser.error('--repeats must be >= 1 and --pytorch-rounds >= 0')
+  batch, image_size = train_step.CPU_SIZES[train_step.NETWORKS[args.network].family]
+  batch, image_size = args.batch or batch, args.image_size or image_size
+
+  print(f'{args.network}, batch {batch} x {train_step.CLIP_LENGTH} x {image_size}², float32, '
+        f'training step, median of {args.repeats} alternating', flush=True)
+  ms = decompose(args.network, batch, image_size, args.repeats)
+  full, aggregation, identity = (ms[name] for name in VARIANTS)
+  print('| DTF blocks in the step | step ms | cost of the DTF blocks ms |')
+  print('|---|---|---|')
+  for name, value in ms.items():
+    print(f'| {name} | {value:.0f} | {value - identity:+.0f} |')
+  print(f'DTF blocks {full - identity:.0f} ms of the step: frame-wise aggregation '
+        f'{aggregation - identity:.0f} ms, spectral path {full - aggregation:.0f} ms')
+
+  if args.pytorch_rounds:
+    print(f'\n{args.network}: {args.pytorch_rounds} rounds of {args.repeats} steps each way '
+          '(medians, ms)')
+    print('| round | dtf_jax alone | dtf_jax after a PyTorch step | PyTorch alone | PyTorch after a '
+          'dtf_jax step | speed-up alone | speed-up interleaved |')
+    print('|---|---|---|---|---|---|---|')
+    rows = pytorch_rounds(args.network, batch, image_size, args.repeats, args.pytorch_rounds)
+    for i, (jax_alone, jax_after, torch_alone, torch_after) in enumerate(rows):
+      print(f'| {i} | {jax_alone:.0f} | {jax_after:.0f} | {torch_alone:.0f} | {torch_after:.0f} | '
+            f'{torch_alone / jax_alone:.2f} | {torch_after / jax_after:.2f} |')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

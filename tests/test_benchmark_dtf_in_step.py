@@ -1,0 +1,86 @@
+"""``benchmarks/dtf_in_step.py``: the three step variants differ as claimed, and its tables add up.
+
+A smoke run of part 1 on a one-block-per-stage DTF-ResNet50 at 32² (one timed repeat) checks the
+rows and the differences it prints; the variants' traced steps are checked to contain (or not) the
+DTF block's operations; part 2's rounds run on stand-in runners whose step times are known.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+sys.path.insert(0, _BENCHMARKS)
+import dtf_in_step  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from dtf_jax.layers import dtf_block  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_variants_replace_the_block_and_restore_it():
+  block = dtf_block.DTFBlock(8, 4, rngs=nnx.Rngs(0))
+  block.alpha1[...] = jnp.full((8,), 0.5)
+  x = jax.random.normal(jax.random.key(1), (1, 4, 5, 5, 8))
+  original = dtf_block.DTFBlock.__call__
+  outputs = {}
+  for name, replacement in dtf_in_step.VARIANTS.items():
+    with dtf_in_step._block_call(replacement):
+      outputs[name] = np.asarray(block(x))
+    assert dtf_block.DTFBlock.__call__ is original
+  full, aggregation, identity = (outputs[name] for name in dtf_in_step.VARIANTS)
+  np.testing.assert_array_equal(identity, np.asarray(x))
+  assert not np.allclose(aggregation, identity) and not np.allclose(full, aggregation)
+  try:
+    with dtf_in_step._block_call(lambda b, y: y):
+      raise RuntimeError('boom')
+  except RuntimeError:
+    pass
+  assert dtf_block.DTFBlock.__call__ is original
+
+
+def test_part_one_smoke_run_prints_three_rows_and_their_differences(monkeypatch, capsys):
+  monkeypatch.setattr(dtf_in_step, 'MODEL_OVERRIDES', {'layers': (1, 1, 1, 1)})
+  assert dtf_in_step.main(['--repeats', '1', '--batch', '1', '--image-size', '32']) == 0
+  out = capsys.readouterr().out
+  rows = dict((name, (int(ms), int(cost))) for name, ms, cost in
+              re.findall(r'^\| ([^|]+?) \| (\d+) \| ([+-]\d+) \|$', out, re.M))
+  assert list(rows) == list(dtf_in_step.VARIANTS)
+  identity = rows['DTF blocks = identity'][0]
+  for ms, cost in rows.values():
+    assert abs((ms - identity) - cost) <= 1
+  blocks, aggregation, spectral = map(int, re.search(
+      r'DTF blocks (-?\d+) ms of the step: frame-wise aggregation (-?\d+) ms, spectral path (-?\d+) ms',
+      out).groups())
+  assert abs(blocks - (aggregation + spectral)) <= 1
+
+
+class _SleepRunner:
+  """Stands in for a train_step runner: each step sleeps a known time and is logged."""
+
+  def __init__(self, name, seconds, log):
+    self.name, self.seconds, self.log = name, seconds, log
+
+  def run_train(self):
+    self.log.append(self.name)
+    time.sleep(self.seconds)
+
+
+def test_part_two_rounds_time_each_framework_alone_and_interleaved(monkeypatch, capsys):
+  log = []
+  monkeypatch.setattr(dtf_in_step.train_step, 'build_pair',
+                      lambda *a, **k: (_SleepRunner('torch', 0.03, log), _SleepRunner('jax', 0.01, log)))
+  rows = dtf_in_step.pytorch_rounds('c2d_dtf_resnet50', 1, 32, repeats=3, rounds=2)
+  assert len(rows) == 2
+  for jax_alone, jax_after, torch_alone, torch_after in rows:
+    assert 9 <= jax_alone < 25 and 9 <= jax_after < 25
+    assert 29 <= torch_alone < 45 and 29 <= torch_after < 45
+  # Two warm-up pairs, then per round: 3 jax, 3 torch, 3 (torch, jax) pairs.
+  round_log = ['jax'] * 3 + ['torch'] * 3 + ['torch', 'jax'] * 3
+  assert log == ['jax', 'torch'] * 2 + round_log * 2
