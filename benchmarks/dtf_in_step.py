@@ -1,10 +1,13 @@
-"""What the DTF blocks cost inside a training step, and how the VM's phase moves the speed-up.
+"""What the temporal modules cost inside a training step, and how the VM's phase moves the speed-up.
 
 Part 1 (always): the dtf_jax training step of a DTF network (the step of ``train_step.py``) compiled
 three times, with every ``DTFBlock`` as it is, with only its frame-wise aggregation (steps 1-4,
 ``u + mean_k(r)``, so both outputs stay live) and replaced by the identity, timed alternating in one
 process. The differences are what the blocks, their frame-wise aggregation and their spectral path
-(steps 5-10) cost in the step, which ``dtf_block.py`` (the blocks alone) can only approximate.
+(steps 5-10) cost in the step, which ``dtf_block.py`` (the blocks alone) can only approximate. For
+SIFA-Swin-S: the step with its temporal modules (inter-frame attention, tubelet convs) and without.
+Measured in one process, these differences do not mix VM phases the way ``train_step.py``'s
+overheads (steps of two networks taken minutes apart) do.
 
 Part 2 (``--pytorch-rounds N``): the same network in PyTorch and dtf_jax (``train_step.build_pair``),
 N rounds of: ``--repeats`` dtf_jax steps in a row, as many PyTorch steps in a row, as many
@@ -15,6 +18,7 @@ drift apart (the VM's speed phases).
   python benchmarks/dtf_in_step.py                                        # DTF-R50, ~2 min
   python benchmarks/dtf_in_step.py --pytorch-rounds 3                     # + part 2, ~4 min more
   python benchmarks/dtf_in_step.py --network c2d_dtf_swin_vit_s_p4_w7     # ~5 min
+  python benchmarks/dtf_in_step.py --network c2d_sifa_swin_vit_s_p4_w7    # ~4 min
 """
 
 from __future__ import annotations
@@ -41,9 +45,9 @@ from flax import nnx  # noqa: E402
 import train_step  # noqa: E402  (sizes, the jitted step, the PyTorch pair)
 from dtf_jax import ops  # noqa: E402
 from dtf_jax.layers import dtf_block  # noqa: E402
+from dtf_jax.layers import swin_temporal  # noqa: E402
 from dtf_jax.models import create_model  # noqa: E402
 
-DTF_NETWORKS = ('c2d_dtf_resnet50', 'c2d_dtf_swin_vit_s_p4_w7')
 MODEL_OVERRIDES: dict = {}  # create_model keywords for part 1 (the tests shrink the network)
 
 
@@ -53,23 +57,42 @@ def _aggregation_only(block: dtf_block.DTFBlock, x):
   return u + jnp.mean(r, axis=-1, keepdims=True)
 
 
-VARIANTS = {
+def _identity(module, x):
+  del module
+  return x
+
+
+# Part 1's step variants per network: name -> None (as built) or (class, method, replacement).
+_DTF_VARIANTS = {
     'DTF blocks as they are': None,
-    'frame-wise aggregation only': _aggregation_only,
-    'DTF blocks = identity': lambda block, x: x,
+    'frame-wise aggregation only': (dtf_block.DTFBlock, '__call__', _aggregation_only),
+    'DTF blocks = identity': (dtf_block.DTFBlock, '__call__', _identity),
+}
+_SIFA_SWIN_VARIANTS = {
+    'SIFA modules as they are': None,
+    'SIFA modules = identity': (swin_temporal.SIFASwinTransformerBlock, 'temporal_interaction',
+                                _identity),
+}
+VARIANTS = {
+    'c2d_dtf_resnet50': _DTF_VARIANTS,
+    'c2d_dtf_swin_vit_s_p4_w7': _DTF_VARIANTS,
+    'c2d_sifa_swin_vit_s_p4_w7': _SIFA_SWIN_VARIANTS,
 }
 
 
 @contextlib.contextmanager
-def _block_call(replacement):
-  """``DTFBlock.__call__`` replaced by ``replacement`` (``None``: unchanged) while tracing."""
-  original = dtf_block.DTFBlock.__call__
-  if replacement is not None:
-    dtf_block.DTFBlock.__call__ = replacement
+def _patched(variant):
+  """The variant's method replacement in place while tracing (``None``: nothing replaced)."""
+  if variant is None:
+    yield
+    return
+  cls, method, replacement = variant
+  original = getattr(cls, method)
+  setattr(cls, method, replacement)
   try:
     yield
   finally:
-    dtf_block.DTFBlock.__call__ = original
+    setattr(cls, method, original)
 
 
 def _timed(fn) -> float:
@@ -79,17 +102,17 @@ def _timed(fn) -> float:
 
 
 def decompose(network: str, batch: int, image_size: int, repeats: int) -> dict[str, float]:
-  """Median step ms of each of ``VARIANTS``, alternating (order flipped every repeat)."""
+  """Median step ms of each of the network's ``VARIANTS``, alternating (order flipped each repeat)."""
   rng = np.random.default_rng(0)
   video = jnp.asarray(rng.normal(size=(batch, train_step.CLIP_LENGTH, image_size, image_size, 3)),
                       jnp.float32)
   labels = jnp.asarray(rng.integers(0, train_step.NUM_CLASSES, size=(batch,)), jnp.int32)
   runners = {}
-  for name, replacement in VARIANTS.items():
+  for name, variant in VARIANTS[network].items():
     model = create_model(network, num_classes=train_step.NUM_CLASSES,
                          clip_length=train_step.CLIP_LENGTH, image_size=image_size,
                          rngs=nnx.Rngs(0), **MODEL_OVERRIDES)
-    with _block_call(replacement):  # the runner traces the loss (trainable mask) when built
+    with _patched(variant):  # the runner traces the loss (trainable mask) when built
       runner = train_step.JaxRunner(model, video, labels)
       seconds = _timed(runner.run_train) / 1e3  # traces, compiles and runs once
     runner.run_train()  # warm-up
@@ -123,7 +146,7 @@ def pytorch_rounds(network: str, batch: int, image_size: int, repeats: int, roun
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--network', choices=DTF_NETWORKS, default=DTF_NETWORKS[0])
+  parser.add_argument('--network', choices=sorted(VARIANTS), default='c2d_dtf_resnet50')
   parser.add_argument('--repeats', type=int, default=13, help='timed steps per variant (median)')
   parser.add_argument('--batch', type=int, default=None, help='override the batch size')
   parser.add_argument('--image-size', type=int, default=None, help='override the frame size')
@@ -138,13 +161,17 @@ def main(argv=None) -> int:
   print(f'{args.network}, batch {batch} x {train_step.CLIP_LENGTH} x {image_size}², float32, '
         f'training step, median of {args.repeats} alternating', flush=True)
   ms = decompose(args.network, batch, image_size, args.repeats)
-  full, aggregation, identity = (ms[name] for name in VARIANTS)
-  print('| DTF blocks in the step | step ms | cost of the DTF blocks ms |')
+  identity = list(ms.values())[-1]
+  print('| temporal modules in the step | step ms | their cost ms |')
   print('|---|---|---|')
   for name, value in ms.items():
     print(f'| {name} | {value:.0f} | {value - identity:+.0f} |')
-  print(f'DTF blocks {full - identity:.0f} ms of the step: frame-wise aggregation '
-        f'{aggregation - identity:.0f} ms, spectral path {full - aggregation:.0f} ms')
+  if VARIANTS[args.network] is _DTF_VARIANTS:
+    full, aggregation = ms['DTF blocks as they are'], ms['frame-wise aggregation only']
+    print(f'DTF blocks {full - identity:.0f} ms of the step: frame-wise aggregation '
+          f'{aggregation - identity:.0f} ms, spectral path {full - aggregation:.0f} ms')
+  else:
+    print(f'SIFA modules {list(ms.values())[0] - identity:.0f} ms of the step')
 
   if args.pytorch_rounds:
     print(f'\n{args.network}: {args.pytorch_rounds} rounds of {args.repeats} steps each way '

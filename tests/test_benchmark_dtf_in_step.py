@@ -22,6 +22,7 @@ sys.path.insert(0, _BENCHMARKS)
 import dtf_in_step  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from dtf_jax.layers import dtf_block  # noqa: E402  pylint: disable=g-import-not-at-top
+from dtf_jax.layers import swin_temporal  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def test_variants_replace_the_block_and_restore_it():
@@ -30,19 +31,38 @@ def test_variants_replace_the_block_and_restore_it():
   x = jax.random.normal(jax.random.key(1), (1, 4, 5, 5, 8))
   original = dtf_block.DTFBlock.__call__
   outputs = {}
-  for name, replacement in dtf_in_step.VARIANTS.items():
-    with dtf_in_step._block_call(replacement):
+  variants = dtf_in_step.VARIANTS['c2d_dtf_resnet50']
+  for name, variant in variants.items():
+    with dtf_in_step._patched(variant):
       outputs[name] = np.asarray(block(x))
     assert dtf_block.DTFBlock.__call__ is original
-  full, aggregation, identity = (outputs[name] for name in dtf_in_step.VARIANTS)
+  full, aggregation, identity = (outputs[name] for name in variants)
   np.testing.assert_array_equal(identity, np.asarray(x))
   assert not np.allclose(aggregation, identity) and not np.allclose(full, aggregation)
   try:
-    with dtf_in_step._block_call(lambda b, y: y):
+    with dtf_in_step._patched((dtf_block.DTFBlock, '__call__', lambda b, y: y)):
       raise RuntimeError('boom')
   except RuntimeError:
     pass
   assert dtf_block.DTFBlock.__call__ is original
+
+
+def test_sifa_swin_variant_removes_both_temporal_modules():
+  variants = dtf_in_step.VARIANTS['c2d_sifa_swin_vit_s_p4_w7']
+  cls, method, replacement = variants['SIFA modules = identity']
+  assert (cls, method) == (swin_temporal.SIFASwinTransformerBlock, 'temporal_interaction')
+  original = cls.temporal_interaction
+  blocks = [swin_temporal.SIFASwinTransformerBlock(8, (4, 4), 2, clip_len=2, shift_size=shift,
+                                                  window_size=2, rngs=nnx.Rngs(0))
+            for shift in (0, 1)]
+  for b in blocks:  # tda_norm starts at zero: give the unshifted block's output a scale
+    b.tda_norm.scale[...] = jnp.ones((8,))
+  x = jax.random.normal(jax.random.key(2), (2, 16, 8))
+  for b in blocks:
+    assert not np.allclose(np.asarray(b.temporal_interaction(x)), np.asarray(x))
+    with dtf_in_step._patched(variants['SIFA modules = identity']):
+      np.testing.assert_array_equal(np.asarray(b.temporal_interaction(x)), np.asarray(x))
+  assert cls.temporal_interaction is original
 
 
 def test_part_one_smoke_run_prints_three_rows_and_their_differences(monkeypatch, capsys):
@@ -51,7 +71,7 @@ def test_part_one_smoke_run_prints_three_rows_and_their_differences(monkeypatch,
   out = capsys.readouterr().out
   rows = dict((name, (int(ms), int(cost))) for name, ms, cost in
               re.findall(r'^\| ([^|]+?) \| (\d+) \| ([+-]\d+) \|$', out, re.M))
-  assert list(rows) == list(dtf_in_step.VARIANTS)
+  assert list(rows) == list(dtf_in_step.VARIANTS['c2d_dtf_resnet50'])
   identity = rows['DTF blocks = identity'][0]
   for ms, cost in rows.values():
     assert abs((ms - identity) - cost) <= 1
