@@ -7,7 +7,10 @@ process. The differences are what the blocks, their frame-wise aggregation and t
 (steps 5-10) cost in the step, which ``dtf_block.py`` (the blocks alone) can only approximate. For
 SIFA-Swin-S: the step with its temporal modules (inter-frame attention, tubelet convs) and without.
 Measured in one process, these differences do not mix VM phases the way ``train_step.py``'s
-overheads (steps of two networks taken minutes apart) do.
+overheads (steps of two networks taken minutes apart) do; ``--pytorch-overhead`` adds the PyTorch
+network with and without its temporal modules (the same modules made the identity on its
+instances) to the same alternation, so both frameworks' overheads and their ratio (the issue's
+"temporal modules add at most half of what they add in PyTorch") come from one process.
 
 Part 2 (``--pytorch-rounds N``): the same network in PyTorch and dtf_jax (``train_step.build_pair``),
 N rounds of: ``--repeats`` dtf_jax steps in a row, as many PyTorch steps in a row, as many
@@ -16,6 +19,7 @@ running next to the other framework costs either one anything, and how far one p
 drift apart (the VM's speed phases).
 
   python benchmarks/dtf_in_step.py                                        # DTF-R50, ~2 min
+  python benchmarks/dtf_in_step.py --pytorch-overhead                     # + PyTorch with / without
   python benchmarks/dtf_in_step.py --pytorch-rounds 3                     # + part 2, ~4 min more
   python benchmarks/dtf_in_step.py --network c2d_dtf_swin_vit_s_p4_w7     # ~5 min
   python benchmarks/dtf_in_step.py --network c2d_sifa_swin_vit_s_p4_w7    # ~4 min
@@ -40,6 +44,7 @@ host_memory.reuse_step_memory()  # as train.py does
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import train_step  # noqa: E402  (sizes, the jitted step, the PyTorch pair)
@@ -49,6 +54,8 @@ from dtf_jax.layers import swin_temporal  # noqa: E402
 from dtf_jax.models import create_model  # noqa: E402
 
 MODEL_OVERRIDES: dict = {}  # create_model keywords for part 1 (the tests shrink the network)
+PYTORCH_FULL = 'PyTorch, temporal modules as they are'
+PYTORCH_IDENTITY = 'PyTorch, temporal modules = identity'
 
 
 def _aggregation_only(block: dtf_block.DTFBlock, x):
@@ -80,6 +87,19 @@ VARIANTS = {
 }
 
 
+def _torch_identity(model):
+  """Makes the PyTorch network's temporal modules the identity (on its instances; eager)."""
+  from torch_reference import dtf_block as torch_dtf  # pylint: disable=g-import-not-at-top
+  from torch_reference import swin as torch_swin  # pylint: disable=g-import-not-at-top
+  for module in model.modules():
+    if isinstance(module, torch_dtf.DTFBlock):
+      module.forward = lambda x: x
+    elif isinstance(module, torch_swin.SIFASwinTransformerBlock):
+      module.forward_rtc = lambda x: x  # it adds its own residual
+      module.forward_vtc = lambda x: x.new_zeros(())  # the caller adds x
+  return model
+
+
 @contextlib.contextmanager
 def _patched(variant):
   """The variant's method replacement in place while tracing (``None``: nothing replaced)."""
@@ -101,8 +121,13 @@ def _timed(fn) -> float:
   return (time.perf_counter() - start) * 1e3
 
 
-def decompose(network: str, batch: int, image_size: int, repeats: int) -> dict[str, float]:
-  """Median step ms of each of the network's ``VARIANTS``, alternating (order flipped each repeat)."""
+def decompose(network: str, batch: int, image_size: int, repeats: int,
+              pytorch: bool = False) -> dict[str, float]:
+  """Median step ms of each of the network's ``VARIANTS``, alternating (order flipped each repeat).
+
+  With ``pytorch``, the PyTorch network with its temporal modules and with them as the identity
+  (``_torch_identity``) join the same alternation: ``PYTORCH_FULL`` and ``PYTORCH_IDENTITY``.
+  """
   rng = np.random.default_rng(0)
   video = jnp.asarray(rng.normal(size=(batch, train_step.CLIP_LENGTH, image_size, image_size, 3)),
                       jnp.float32)
@@ -118,6 +143,14 @@ def decompose(network: str, batch: int, image_size: int, repeats: int) -> dict[s
     runner.run_train()  # warm-up
     print(f'  {name}: compiled in {seconds:.0f} s', flush=True)
     runners[name] = runner
+  if pytorch:
+    torch_video = torch.from_numpy(np.asarray(video).transpose(0, 4, 1, 2, 3).copy())
+    torch_labels = torch.from_numpy(np.asarray(labels).astype(np.int64))
+    for name, prepare in ((PYTORCH_FULL, lambda m: m), (PYTORCH_IDENTITY, _torch_identity)):
+      torch.manual_seed(0)
+      model = prepare(train_step.NETWORKS[network].torch_model(image_size))
+      runners[name] = train_step.TorchRunner(model, torch_video, torch_labels)
+      runners[name].run_train()  # warm-up
   times = {name: [] for name in runners}
   order = list(runners)
   for i in range(repeats):
@@ -150,6 +183,9 @@ def main(argv=None) -> int:
   parser.add_argument('--repeats', type=int, default=13, help='timed steps per variant (median)')
   parser.add_argument('--batch', type=int, default=None, help='override the batch size')
   parser.add_argument('--image-size', type=int, default=None, help='override the frame size')
+  parser.add_argument('--pytorch-overhead', action='store_true',
+                      help='also time the PyTorch network with and without its temporal modules in '
+                           'the same alternation: both frameworks\' overheads from one process')
   parser.add_argument('--pytorch-rounds', type=int, default=0,
                       help='also run part 2 with this many rounds (needs torch)')
   args = parser.parse_args(argv)
@@ -160,18 +196,26 @@ def main(argv=None) -> int:
 
   print(f'{args.network}, batch {batch} x {train_step.CLIP_LENGTH} x {image_size}², float32, '
         f'training step, median of {args.repeats} alternating', flush=True)
-  ms = decompose(args.network, batch, image_size, args.repeats)
+  ms = decompose(args.network, batch, image_size, args.repeats, pytorch=args.pytorch_overhead)
+  torch_ms = {name: ms.pop(name) for name in (PYTORCH_FULL, PYTORCH_IDENTITY) if name in ms}
   identity = list(ms.values())[-1]
   print('| temporal modules in the step | step ms | their cost ms |')
   print('|---|---|---|')
   for name, value in ms.items():
     print(f'| {name} | {value:.0f} | {value - identity:+.0f} |')
+  for name, value in torch_ms.items():
+    print(f'| {name} | {value:.0f} | {value - torch_ms[PYTORCH_IDENTITY]:+.0f} |')
   if VARIANTS[args.network] is _DTF_VARIANTS:
     full, aggregation = ms['DTF blocks as they are'], ms['frame-wise aggregation only']
     print(f'DTF blocks {full - identity:.0f} ms of the step: frame-wise aggregation '
           f'{aggregation - identity:.0f} ms, spectral path {full - aggregation:.0f} ms')
   else:
     print(f'SIFA modules {list(ms.values())[0] - identity:.0f} ms of the step')
+  if torch_ms:
+    jax_cost = list(ms.values())[0] - identity
+    torch_cost = torch_ms[PYTORCH_FULL] - torch_ms[PYTORCH_IDENTITY]
+    print(f'overhead ratio dtf_jax / PyTorch (one process): {jax_cost:.0f} / {torch_cost:.0f} ms = '
+          f'{jax_cost / torch_cost:.2f}; speed-up {torch_ms[PYTORCH_FULL] / list(ms.values())[0]:.2f}x')
 
   if args.pytorch_rounds:
     print(f'\n{args.network}: {args.pytorch_rounds} rounds of {args.repeats} steps each way '

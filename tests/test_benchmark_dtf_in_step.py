@@ -104,3 +104,46 @@ def test_part_two_rounds_time_each_framework_alone_and_interleaved(monkeypatch, 
   # Two warm-up pairs, then per round: 3 jax, 3 torch, 3 (torch, jax) pairs.
   round_log = ['jax'] * 3 + ['torch'] * 3 + ['torch', 'jax'] * 3
   assert log == ['jax', 'torch'] * 2 + round_log * 2
+
+
+def test_pytorch_identity_patch_and_one_process_overhead_ratio(monkeypatch, capsys):
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch_reference import dtf_block as torch_dtf  # pylint: disable=g-import-not-at-top
+  from torch_reference import resnet as torch_resnet  # pylint: disable=g-import-not-at-top
+  # The patch makes every torch DTF block of a network the identity, on its instances only.
+  torch.manual_seed(0)
+  patched, untouched = torch_dtf.DTFBlock(8, 4), torch_dtf.DTFBlock(8, 4)
+  for block in (patched, untouched):
+    torch.nn.init.normal_(block.alpha1)  # 0 at init: the block would return its input anyway
+  dtf_in_step._torch_identity(torch.nn.Sequential(patched))
+  x = torch.randn(1, 8, 4, 3, 3)
+  assert torch.equal(patched(x), x)
+  assert not torch.allclose(untouched(x), x)
+  from torch_reference import swin as torch_swin  # pylint: disable=g-import-not-at-top
+  sifa = torch_swin.SIFASwinTransformerBlock(8, (4, 4), 2, K=3, clip_len=2, window_size=2,
+                                             shift_size=0)
+  torch.nn.init.normal_(sifa.tda_norm.weight)
+  tokens = torch.randn(2, 16, 8)
+  assert not torch.allclose(sifa.forward_rtc(tokens), tokens)
+  dtf_in_step._torch_identity(sifa)
+  assert torch.equal(sifa.forward_rtc(tokens), tokens)
+  assert torch.equal(tokens + sifa.forward_vtc(tokens), tokens)
+  # Smoke run with both frameworks in one alternation; the printed ratio is the rows' ratio.
+  monkeypatch.setattr(dtf_in_step, 'MODEL_OVERRIDES', {'layers': (1, 1, 1, 1)})
+  small = dtf_in_step.train_step.Network(
+      'c2d_dtf_resnet50', 'resnet',
+      lambda size: torch_resnet.c2d_dtf_resnet(layers=(1, 1, 1, 1), clip_length=16,
+                                               num_classes=dtf_in_step.train_step.NUM_CLASSES))
+  monkeypatch.setitem(dtf_in_step.train_step.NETWORKS, 'c2d_dtf_resnet50', small)
+  assert dtf_in_step.main(['--repeats', '1', '--batch', '1', '--image-size', '32',
+                           '--pytorch-overhead']) == 0
+  out = capsys.readouterr().out
+  rows = dict((name, int(ms)) for name, ms, _ in
+              re.findall(r'^\| ([^|]+?) \| (\d+) \| ([+-]\d+) \|$', out, re.M))
+  assert list(rows)[-2:] == [dtf_in_step.PYTORCH_FULL, dtf_in_step.PYTORCH_IDENTITY]
+  jax_cost, torch_cost, ratio = re.search(
+      r'overhead ratio dtf_jax / PyTorch \(one process\): (-?\d+) / (-?\d+) ms = (-?[\d.]+|-?inf|nan)',
+      out).groups()
+  assert abs(int(jax_cost) - (rows['DTF blocks as they are'] - rows['DTF blocks = identity'])) <= 1
+  assert abs(int(torch_cost) - (rows[dtf_in_step.PYTORCH_FULL]
+                                - rows[dtf_in_step.PYTORCH_IDENTITY])) <= 1
