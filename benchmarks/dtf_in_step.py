@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import layer_ops  # noqa: E402  (time_alternating)
 import train_step  # noqa: E402  (sizes, the jitted step, the PyTorch pair)
 from dtf_jax import ops  # noqa: E402
 from dtf_jax.layers import dtf_block  # noqa: E402
@@ -151,12 +152,8 @@ def decompose(network: str, batch: int, image_size: int, repeats: int,
       model = prepare(train_step.NETWORKS[network].torch_model(image_size))
       runners[name] = train_step.TorchRunner(model, torch_video, torch_labels)
       runners[name].run_train()  # warm-up
-  times = {name: [] for name in runners}
-  order = list(runners)
-  for i in range(repeats):
-    for name in (order if i % 2 == 0 else order[::-1]):
-      times[name].append(_timed(runners[name].run_train))
-  return {name: statistics.median(t) for name, t in times.items()}
+  return layer_ops.time_alternating({name: r.run_train for name, r in runners.items()}, repeats,
+                                    warmup=0)  # each runner has had its warm-up step above
 
 
 def pytorch_rounds(network: str, batch: int, image_size: int, repeats: int, rounds: int):

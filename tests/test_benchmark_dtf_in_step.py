@@ -141,7 +141,7 @@ def test_pytorch_identity_patch_and_one_process_overhead_ratio(monkeypatch, caps
   rows = dict((name, int(ms)) for name, ms, _ in
               re.findall(r'^\| ([^|]+?) \| (\d+) \| ([+-]\d+) \|$', out, re.M))
   assert list(rows)[-2:] == [dtf_in_step.PYTORCH_FULL, dtf_in_step.PYTORCH_IDENTITY]
-  jax_cost, torch_cost, ratio = re.search(
+  jax_cost, torch_cost, _ = re.search(
       r'overhead ratio dtf_jax / PyTorch \(one process\): (-?\d+) / (-?\d+) ms = (-?[\d.]+|-?inf|nan)',
       out).groups()
   assert abs(int(jax_cost) - (rows['DTF blocks as they are'] - rows['DTF blocks = identity'])) <= 1

@@ -48,6 +48,25 @@ def _window(padded: Array, row: int, col: int, height: int, width: int) -> Array
   return padded[:, :, row:row + height, col:col + width]
 
 
+def _pad(a: Array, kernel_size: int, dilation: int) -> Array:
+  """Zero 'same' padding of H and W for the taps."""
+  return reference._pad_spatial(a, reference.same_padding(kernel_size, dilation))
+
+
+def _taps(kernel_size: int, dilation: int):
+  """Window starts in the padded map of tap i = kh*K + kw (read at ``p + off_i``) and of its
+  adjoint (read at ``p - off_i``: start ``(K-1)*d - start_i``)."""
+  k, d = kernel_size, dilation
+  forward = [(i // k * d, i % k * d) for i in range(k * k)]
+  return forward, [((k - 1) * d - s0, (k - 1) * d - s1) for s0, s1 in forward]
+
+
+def _tap_weight(weight: Array, i: int) -> Array:
+  """``weight[:, kh, kw, :]`` of tap i as ``(T, 1, 1, C)``."""
+  k = weight.shape[1]
+  return weight[:, i // k, i % k, None, None, :]
+
+
 def _previous_frame_transpose(dq: Array) -> Array:
   """Adjoint of ``reference._previous_frame`` (``q_t = x_{max(t-1, 0)}``) along axis 1."""
   if dq.shape[1] == 1:
@@ -77,13 +96,12 @@ def _tap_sums(padded: Array, operands: tuple, taps, summand, height: int, width:
 def _forward(x: Array, weight: Array, kernel_size: int, dilation: int):
   """``(u, r, a)`` in the dtype of ``x`` (the compute dtype)."""
   _, _, height, width, _ = x.shape
-  k, d = kernel_size, dilation
   query = reference._previous_frame(x)
-  padded = reference._pad_spatial(x, reference.same_padding(k, d))
-  taps = [(i // k * d, i % k * d) for i in range(k * k)]  # window starts of tap i = kh*K + kw
+  padded = _pad(x, kernel_size, dilation)
+  taps, _ = _taps(kernel_size, dilation)
   raw = jnp.stack(_tap_sums(
       padded, (query, weight), taps,
-      lambda i, key, query, weight: query * weight[:, i // k, i % k, None, None, :] * key,
+      lambda i, key, query, weight: query * _tap_weight(weight, i) * key,
       height, width), axis=-1)  # (N, T, H, W, K*K)
   attn = jax.nn.softmax(raw, axis=-1)
   aggregated = functools.reduce(jnp.add, [
@@ -107,29 +125,25 @@ def _frame_wise_aggregation_bwd(kernel_size, dilation, residuals, cotangents):
   x, weight, attn = residuals
   du, draw = cotangents
   _, _, height, width, _ = x.shape
-  k, d = kernel_size, dilation
-  pad = lambda a: reference._pad_spatial(a, reference.same_padding(k, d))
+  pad = lambda a: _pad(a, kernel_size, dilation)
   query = reference._previous_frame(x)
   padded = pad(x)
   # u_t = x_t + m_{t+1}: the aggregate m of frame t receives the gradient of u_{t-1} (none at t=0).
   dm = jnp.concatenate([jnp.zeros_like(du[:, :1]), du[:, :-1]], axis=1)
-  taps = [(i // k * d, i % k * d) for i in range(k * k)]
-  # The adjoint of "read at p + off_i" is "read at p - off_i": window start (K-1)*d - start_i.
-  back = [((k - 1) * d - s0, (k - 1) * d - s1) for s0, s1 in taps]
-  tap_weight = [weight[:, i // k, i % k, None, None, :] for i in range(k * k)]  # (T, 1, 1, C)
+  taps, back = _taps(kernel_size, dilation)
 
   dattn = jnp.stack(_tap_sums(padded, (dm,), taps, lambda i, key, dm: dm * key, height, width),
                     axis=-1)
   draw = draw + attn * (dattn - jnp.sum(attn * dattn, axis=-1, keepdims=True))
 
   dquery = functools.reduce(jnp.add, [
-      draw[..., i, None] * tap_weight[i] * _window(padded, *s, height, width)
+      draw[..., i, None] * _tap_weight(weight, i) * _window(padded, *s, height, width)
       for i, s in enumerate(taps)])
   dm_padded, query_padded = pad(dm), pad(query)
   attn_padded, draw_padded = pad(attn), pad(draw)
   dx_taps = functools.reduce(jnp.add, [
       _window(attn_padded[..., i:i + 1], *s, height, width) * _window(dm_padded, *s, height, width)
-      + _window(draw_padded[..., i:i + 1], *s, height, width) * tap_weight[i]
+      + _window(draw_padded[..., i:i + 1], *s, height, width) * _tap_weight(weight, i)
       * _window(query_padded, *s, height, width)
       for i, s in enumerate(back)])
   dx = du + dx_taps + _previous_frame_transpose(dquery)
