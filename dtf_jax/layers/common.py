@@ -562,6 +562,67 @@ def _gelu_bwd(x, g):
 gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+def _gelu_parts(x: Array) -> tuple[Array, Array]:
+  """``(x, Phi(x))`` in ``promote_types(x.dtype, float32)``; ``Phi`` is materialised once."""
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  # One erfc pass shared by the recomputed GELU and its derivative (XLA would otherwise evaluate
+  # the polynomial once in each of their fusions).
+  return xf, jax.lax.optimization_barrier(0.5 * jax.lax.erfc(-xf * _SQRT_HALF))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gelu_matmul_last_axis(h: Array, kernel: Array, precision=None) -> Array:
+  """``gelu_exact(h) @ kernel`` over the last axis: ``(..., I) x (I, O) -> (..., O)``.
+
+  The second half of a transformer MLP (GELU, then ``fc2``'s matmul) with a backward that keeps
+  only ``h`` (and the kernel): the GELU output, which the kernel gradient needs, is recomputed
+  from ``h`` in the backward pass together with the GELU derivative (one erfc evaluation for
+  both). Separately, ``gelu_exact`` kept ``h`` and the matmul kept ``gelu(h)``: two
+  activation-sized arrays per MLP alive until the backward, ~125 MB of a Swin-S training step's
+  ~750 MB temporary buffer at the benchmark size (benchmarks/README.md). Same value as
+  ``matmul_last_axis(gelu_exact(h), kernel)``; the kernel gradient runs through the same
+  row-major product as ``matmul_last_axis``.
+  """
+  return _contract_last(gelu_exact(h), kernel, precision)
+
+
+def _gelu_matmul_fwd(h, kernel, precision):
+  return gelu_matmul_last_axis(h, kernel, precision), (h, kernel)
+
+
+def _gelu_matmul_bwd(precision, residuals, g):
+  # Tied to the cotangent so that the GELU is recomputed here, not kept (or CSE'd) from the forward.
+  (h, kernel), g = jax.lax.optimization_barrier((residuals, g))
+  hf, cdf = _gelu_parts(h)
+  activation = (hf * cdf).astype(h.dtype)
+  d_activation, dkernel = _matmul_last_axis_bwd(precision, (activation, kernel), g)
+  pdf = jnp.exp(-0.5 * hf * hf) * _INV_SQRT_2PI
+  dh = d_activation.astype(hf.dtype) * (cdf + hf * pdf)
+  return dh.astype(h.dtype), dkernel
+
+
+gelu_matmul_last_axis.defvjp(_gelu_matmul_fwd, _gelu_matmul_bwd)
+
+
+def gelu_then_linear(h: Array, linear_layer: nnx.Linear) -> Array:
+  """``linear_layer(gelu_exact(h))`` through ``gelu_matmul_last_axis`` where the layer allows.
+
+  The layer's dtype promotion, precision and bias apply as in ``nnx.Linear``; a layer with a
+  ``preferred_element_type`` or another ``dot_general`` than ``linear_dot_general`` (or a dtype
+  promotion that would change ``h``'s dtype) is called on ``gelu_exact(h)`` unchanged.
+  """
+  layer = linear_layer
+  bias = layer.bias[...] if layer.bias is not None else None
+  x, kernel, bias = layer.promote_dtype((h, layer.kernel[...], bias), dtype=layer.dtype)
+  if (layer.dot_general is not linear_dot_general or layer.preferred_element_type is not None
+      or x.dtype != kernel.dtype or x.dtype != h.dtype or kernel.ndim != 2):
+    return layer(gelu_exact(h))
+  y = gelu_matmul_last_axis(x, kernel, layer.precision)
+  if bias is not None:
+    y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+  return y
+
+
 # ----------------------------------------------------------------------------------------------
 # Pooling.
 # ----------------------------------------------------------------------------------------------

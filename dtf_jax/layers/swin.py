@@ -286,7 +286,8 @@ class Mlp(nnx.Module):
     self.fc2 = swin_linear(hidden_features, in_features, init=init, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    return self.fc2(common.gelu_exact(self.fc1(x)))
+    # fc2 and the GELU share one custom VJP that keeps only fc1's output for the backward.
+    return common.gelu_then_linear(self.fc1(x), self.fc2)
 
 
 def effective_window(resolution: tuple[int, int], window_size: int, shift_size: int
