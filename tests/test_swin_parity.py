@@ -305,3 +305,35 @@ def test_tiny_network_parity(prefix):
   with torch.no_grad():
     ref = tnet(torch.tensor(video).permute(0, 4, 1, 2, 3)).numpy()  # (N, 3, L, H, W)
   _assert_close((np.asarray(logits), ref), what="logits")
+
+
+@pytest.mark.parametrize("clip_len", [1, 2, 4])
+def test_sifa_tubelet_conv_matches_torch_conv2d_with_kernel_gradient(clip_len):
+  """``SIFASwinTransformerBlock.tubelet_conv`` (edge taps on T'-1 frames only) vs PyTorch's
+  ``Conv2d(D, D, [1, 3], padding [0, 1])`` on ``(N, D, L, T')`` in float64: value and the gradients
+  of the tokens and of the kernel, T' = 1 (edge taps absent), 2 and 4."""
+  from dtf_jax.layers.swin_temporal import SIFASwinTransformerBlock
+  dim, res, clips = 6, 4, 2
+  rng = np.random.default_rng(30 + clip_len)
+  weight = rng.normal(size=(dim, dim, 1, 3))  # torch (O, I, 1, 3)
+  tokens = rng.normal(size=(clips * clip_len, res * res, dim))
+  cot = rng.normal(size=tokens.shape)
+  x_t = torch.tensor(tokens.reshape(clips, clip_len, res * res, dim).transpose(0, 3, 2, 1),
+                     requires_grad=True)  # (N, D, L, T')
+  w_t = torch.tensor(weight, requires_grad=True)
+  y_t = torch.nn.functional.conv2d(x_t, w_t, padding=(0, 1))
+  y_t.backward(torch.tensor(cot.reshape(clips, clip_len, res * res, dim).transpose(0, 3, 2, 1)))
+  to_tokens = lambda a: a.transpose(0, 3, 2, 1).reshape(tokens.shape)  # (N, D, L, T') -> tokens
+  with jax.enable_x64(True):
+    block = SIFASwinTransformerBlock(dim, (res, res), 2, clip_len=clip_len, window_size=2,
+                                     shift_size=1, rngs=nnx.Rngs(0))
+    block.conv.kernel = nnx.Param(jnp.asarray(weight.transpose(2, 3, 1, 0)))  # float64
+    graphdef, state = nnx.split(block)
+    conv = lambda s, x: nnx.merge(graphdef, s).tubelet_conv(x)
+    y, vjp = jax.vjp(conv, nnx.as_pure(state), jnp.asarray(tokens))
+    dstate, dx = vjp(jnp.asarray(cot))
+    dkernel = dstate["conv"]["kernel"]
+  np.testing.assert_allclose(np.asarray(y), to_tokens(y_t.detach().numpy()), rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(dx), to_tokens(x_t.grad.numpy()), rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(dkernel), w_t.grad.numpy().transpose(2, 3, 1, 0),
+                             rtol=1e-12, atol=1e-12)

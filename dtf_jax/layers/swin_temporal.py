@@ -157,19 +157,25 @@ class SIFASwinTransformerBlock(_ClipBlockMixin, SwinTransformerBlock):
     """``forward_vtc``: the 3-tap temporal conv of the tokens, ``(N*T', L, D)``.
 
     ``y_t = x_{t-1} @ W_0 + x_t @ W_1 + x_{t+1} @ W_2`` (zero outside the clip) with
-    ``W_j = conv.kernel[0, j]``: three matmuls on the token rows as they are laid out, shifted
-    along the tubelet axis afterwards, instead of transposing the tokens to ``(N, L, T', D)`` for
-    a (1, 3) convolution and back (four full transposes per block with the backward pass).
+    ``W_j = conv.kernel[0, j]``: matmuls on the token rows as they are laid out, shifted along
+    the tubelet axis afterwards, instead of transposing the tokens to ``(N, L, T', D)`` for a
+    (1, 3) convolution and back (four full transposes per block with the backward pass). The edge
+    taps multiply only the T'-1 frames whose products are used (the zero padding's products are
+    not computed): 5/6 of the full taps' FLOPs at T' = 4, forward and backward.
     """
     rows, length, c = x.shape
     n, t = rows // self.clip_len, self.clip_len
     kernel = self.conv.kernel[...]  # (1, 3, D_in, D_out)
     dtype = self.conv.dtype or jnp.result_type(x, kernel)
     frames = x.astype(dtype).reshape(n, t, length, c)
-    taps = [jnp.matmul(frames, kernel[0, j].astype(dtype)) for j in range(3)]  # (N, T', L, D)
-    zero = jnp.zeros_like(taps[0][:, :1])
-    y = (jnp.concatenate([zero, taps[0][:, :-1]], axis=1) + taps[1]
-         + jnp.concatenate([taps[2][:, 1:], zero], axis=1))
+    weights = [kernel[0, j].astype(dtype) for j in range(3)]
+    y = jnp.matmul(frames, weights[1])  # (N, T', L, D)
+    if t > 1:
+      from_previous = jnp.matmul(frames[:, :-1], weights[0])  # lands on frames 1 .. T'-1
+      from_next = jnp.matmul(frames[:, 1:], weights[2])  # lands on frames 0 .. T'-2
+      zero = jnp.zeros_like(y[:, :1])
+      y = (y + jnp.concatenate([zero, from_previous], axis=1)
+           + jnp.concatenate([from_next, zero], axis=1))
     return y.reshape(rows, length, -1)
 
   def temporal_interaction(self, x: Array) -> Array:
