@@ -72,6 +72,7 @@ def op_argument_specs(op: str, x_shape, dtype=jnp.bfloat16) -> dict[str, jax.Sha
       'temporal_correlation': dict(x=x, weight=weight),
       'temporal_aggregation': dict(x=x, attn=attn),
       'frame_wise_aggregation': dict(x=x, weight=weight),
+      'temporal_correlation_aggregation': dict(x=x, weight=weight),
       'deformable_correlation': dict(x=x, offsets=offsets, weight=weight),
       'deformable_aggregation': dict(x=x, offsets=offsets, attn=attn),
   }[op]

@@ -49,6 +49,7 @@ KERNELS_PER_VJP = {
     'temporal_correlation': 2,
     'temporal_aggregation': 2,
     'frame_wise_aggregation': 3,
+    'temporal_correlation_aggregation': 4,  # the correlation's two kernels, the aggregation's two
     'deformable_correlation': 2,
     'deformable_aggregation': 2,
 }
@@ -57,10 +58,13 @@ DTF_CASES = [(op, st) for st in stages.DTF_STAGES
              for op in ('frame_wise_aggregation', 'temporal_correlation', 'temporal_aggregation')]
 SIFA_CASES = [(op, st) for st in stages.SIFA_STAGES
               for op in ('deformable_correlation', 'deformable_aggregation')]
+# SIFA-Swin's unshifted blocks: the Swin stage shapes (SIFA-Swin-B's equal DTF-Swin-B's).
+SIFA_SWIN_CASES = [('temporal_correlation_aggregation', st) for st in stages.DTF_SWIN_B]
 
 
-@pytest.mark.parametrize('op,stage', DTF_CASES + SIFA_CASES,
-                         ids=[f'{op}-{st.label}' for op, st in DTF_CASES + SIFA_CASES])
+@pytest.mark.parametrize('op,stage', DTF_CASES + SIFA_CASES + SIFA_SWIN_CASES,
+                         ids=[f'{op}-{st.label}' for op, st in DTF_CASES + SIFA_CASES
+                              + SIFA_SWIN_CASES])
 def test_forward_and_backward_lower_for_cuda(op, stage):
   text = lower_text(forward_and_vjp(op, 'pallas'), *abstract_inputs(op, stage))
   assert text.count(TRITON_CALL) == KERNELS_PER_VJP[op], text.count(TRITON_CALL)

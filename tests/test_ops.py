@@ -174,6 +174,16 @@ def np_frame_wise_aggregation(x, wc, k_size, d):
   return u, r
 
 
+def np_temporal_correlation_aggregation(x, wc, k_size, d):
+  """SIFA-Swin's core (SPEC 3.8) on (N, C, T, H, W): the aggregation of x with its own raw
+  correlation as the per-tap weights (no softmax); returns m channels-last (N, T, H, W, C)."""
+  n_, c_, t_, h_, w_ = x.shape
+  rho = np_temporal_correlation(x, wc, k_size, d, 1)  # (N, κ, T, H, W)
+  fold = lambda z: z.transpose(0, 2, 1, 3, 4).reshape(n_ * t_, z.shape[1], h_, w_)
+  m = np_aggregation(fold(x), fold(rho), k_size, d)  # (N·T, C, H, W)
+  return m.reshape(n_, t_, c_, h_, w_).transpose(0, 1, 3, 4, 2)
+
+
 # Layout conversions JAX (channels-last) -> original (channels-first).
 to_nc = lambda z: np.asarray(z, np.float64).transpose(0, 4, 1, 2, 3)  # (N,T,H,W,C)->(N,C,T,H,W)
 from_nc = lambda z: np.asarray(z).transpose(0, 2, 3, 4, 1)
@@ -229,7 +239,7 @@ def make_inputs(op, shape, k_size, groups, rng, offsets='mixed'):
     return (x, offs, weight)
   if op == 'deformable_aggregation':
     return (x, offs, rng.normal(size=(n, t, h, w, groups * kk)))
-  if op == 'frame_wise_aggregation':
+  if op in ('frame_wise_aggregation', 'temporal_correlation_aggregation'):
     return (x, weight)
   raise ValueError(op)
 
@@ -266,6 +276,9 @@ def numpy_reference(op, args, k_size, d, groups):
     x, w = args
     u, r = np_frame_wise_aggregation(to_nc(x), weight_to_orig(w), k_size, d)
     return from_nc(u), from_nc(r)
+  if op == 'temporal_correlation_aggregation':
+    x, w = args
+    return np_temporal_correlation_aggregation(to_nc(x), weight_to_orig(w), k_size, d)
   raise ValueError(op)
 
 
@@ -277,7 +290,7 @@ def x64():
 
 
 ALL_OPS = ('temporal_correlation', 'temporal_aggregation', 'deformable_correlation',
-           'deformable_aggregation', 'frame_wise_aggregation')
+           'deformable_aggregation', 'frame_wise_aggregation', 'temporal_correlation_aggregation')
 
 # (N, T, H, W, C, K, dilation, groups): K in {1, 3, 5}, d in {1, 2}, G in {1, 2}, T in {1, 2, 5},
 # H != W. Ops without groups ignore G.
@@ -347,6 +360,7 @@ GRAD_CASES = (
     ('deformable_correlation', (1, 3, 3, 4, 4), 3, 1, 2),
     ('deformable_aggregation', (1, 3, 3, 4, 2), 3, 1, 2),
     ('frame_wise_aggregation', (1, 3, 3, 4, 2), 3, 1, 1),
+    ('temporal_correlation_aggregation', (1, 3, 3, 4, 2), 3, 1, 1),
 )
 
 
@@ -400,6 +414,51 @@ def test_frame_wise_hand_written_backward_matches_autodiff_of_reference(x64, cas
   u, _ = call('frame_wise_aggregation', (x, weight), k_size, d, 1)
   u_ref, _ = reference.frame_wise_aggregation(x, weight, kernel_size=k_size, dilation=d)
   np.testing.assert_allclose(np.asarray(u), np.asarray(u_ref), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('case', FRAME_WISE_CASES, ids=lambda c: 'N{}T{}H{}W{}C{}K{}d{}'.format(*c))
+def test_correlation_aggregation_hand_written_backward_matches_autodiff_of_the_two_ops(x64, case):
+  """impl='xla' of ``temporal_correlation_aggregation`` runs ``ops.frame_wise`` (unrolled taps,
+  custom VJP); its gradients w.r.t. x and weight equal autodiff of the tap-loop reference ops
+  ``temporal_aggregation(x, temporal_correlation(x, weight))`` in float64."""
+  from dtf_jax.ops import frame_wise, reference  # pylint: disable=g-import-not-at-top
+  *shape, k_size, d = case
+  rng = np.random.default_rng(zlib.crc32(repr(('corr_agg', case)).encode()))
+  x, weight = (jnp.asarray(a) for a in make_inputs('temporal_correlation_aggregation', shape,
+                                                   k_size, 1, rng))
+  dm = jnp.asarray(rng.normal(size=x.shape))
+
+  def composed(x, weight, kernel_size, dilation):
+    rho = reference.temporal_correlation(x, weight, kernel_size=kernel_size, dilation=dilation,
+                                         groups=1)
+    return reference.temporal_aggregation(x, rho, kernel_size=kernel_size, dilation=dilation)
+
+  def loss(fn):
+    return lambda x, weight: jnp.sum(fn(x, weight, kernel_size=k_size, dilation=d) * dm)
+
+  got = jax.grad(loss(frame_wise.temporal_correlation_aggregation), argnums=(0, 1))(x, weight)
+  want = jax.grad(loss(composed), argnums=(0, 1))(x, weight)
+  for g, w in zip(got, want):
+    assert g.shape == w.shape and g.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-11, atol=1e-11)
+  m = call('temporal_correlation_aggregation', (x, weight), k_size, d, 1)
+  np.testing.assert_allclose(np.asarray(m), np.asarray(composed(x, weight, k_size, d)),
+                             rtol=1e-12, atol=1e-12)
+
+
+def test_correlation_aggregation_pallas_is_the_two_kernels_in_sequence():
+  """impl='pallas' (interpret mode on CPU) equals the XLA path: value and gradients."""
+  rng = np.random.default_rng(12)
+  x, weight = (jnp.asarray(a, jnp.float32) for a in make_inputs(
+      'temporal_correlation_aggregation', (1, 3, 5, 4, 8), 3, 1, rng))
+  dm = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  results = {}
+  for impl in ('xla', 'pallas'):
+    f = lambda x, w, impl=impl: ops.temporal_correlation_aggregation(x, w, impl=impl)
+    m, vjp = jax.vjp(f, x, weight)
+    results[impl] = (m, *vjp(dm))
+  for got, want in zip(results['pallas'], results['xla']):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('op', ('deformable_correlation', 'deformable_aggregation'))
@@ -680,6 +739,14 @@ ERROR_CASES = (
      "'xla', 'pallas'"),
     (lambda: ops.frame_wise_aggregation(A['x'], A['weight'], impl=None),
      "frame_wise_aggregation: impl=None is not a known implementation"),
+    (lambda: ops.temporal_correlation_aggregation(A['x'], jnp.zeros((2, 3, 3, 5))),
+     'temporal_correlation_aggregation: `weight` has shape (2, 3, 3, 5), expected (T, K, K, C) = '
+     '(2, 3, 3, 4) from x of shape (1, 2, 3, 4, 4) and kernel_size=3; mismatch in C=5 '
+     '(expected 4)'),
+    (lambda: ops.temporal_correlation_aggregation(A['x'][0], A['weight']),
+     'temporal_correlation_aggregation: `x` must have rank 5'),
+    (lambda: ops.temporal_correlation_aggregation(A['x'], A['weight'], kernel_size=2),
+     'temporal_correlation_aggregation: kernel_size=2 must be odd'),
     (lambda: ops.temporal_correlation(A['x'], A['weight'], kernel_size=True),
      'temporal_correlation: kernel_size=True must be an integer >= 1, not a bool'),
     # Empty x.

@@ -115,7 +115,8 @@ class SIFASwinTransformerBlock(_ClipBlockMixin, SwinTransformerBlock):
   * ``shift_size == 0`` (``forward_rtc``): with ``o = x`` viewed ``(N, T', H', W', D)``,
     ``rho_t = corr(o_{max(t-1,0)} at (h, w), o_t in the KxK window)`` weighted by ``def_cor``
     (``ops.temporal_correlation``), ``m_t = sum_k rho_t,k * o_t(window tap k)``
-    (``ops.temporal_aggregation``, **no softmax**), ``s_t = m_{t+1}`` for ``t < T'-1``,
+    (``ops.temporal_aggregation``, **no softmax**; both in one op,
+    ``ops.temporal_correlation_aggregation``), ``s_t = m_{t+1}`` for ``t < T'-1``,
     ``s_{T'-1} = 0``, ``x += tda_norm(s)``. The originals' offsets are always zero (SPEC.md 7.3), so
     this is the non-deformable local correlation; the originals' forward-shifted copy only fed a
     discarded gating term, so ``sifa_prev_frame`` (SPEC.md 2.6) has no counterpart here.
@@ -148,8 +149,7 @@ class SIFASwinTransformerBlock(_ClipBlockMixin, SwinTransformerBlock):
     clip = self._to_clip(x)
     k = self.sifa_kernel
     weight = self.def_cor()  # float32; the ops compute in float32 and return clip.dtype
-    rho = ops.temporal_correlation(clip, weight, kernel_size=k, impl=self.kernel_impl)
-    m = ops.temporal_aggregation(clip, rho, kernel_size=k, impl=self.kernel_impl)
+    m = ops.temporal_correlation_aggregation(clip, weight, kernel_size=k, impl=self.kernel_impl)
     s = jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1)
     return self.tda_norm(self._to_tokens(s.astype(x.dtype)))
 

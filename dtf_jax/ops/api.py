@@ -92,6 +92,37 @@ def temporal_aggregation(x: Array, attn: Array, *, kernel_size: int = 3, dilatio
                                        impl=impl)
 
 
+def temporal_correlation_aggregation(x: Array, weight: Array, *, kernel_size: int = 3,
+                                     dilation: int = 1, impl: str = 'auto') -> Array:
+  """Aggregation of ``x`` weighted by its own temporal correlation, one group (SIFA-Swin, SPEC.md 3.8).
+
+  ``rho = temporal_correlation(x, weight)`` (``(N, T, H, W, K*K)``, not normalised),
+  ``m = temporal_aggregation(x, rho)``: the core of the SIFA-Swin unshifted blocks' inter-frame
+  attention. One op so that the XLA path can fuse both and keep only ``x`` and ``rho`` for the
+  backward (``dtf_jax.ops.frame_wise``).
+
+  Args:
+    x: ``(N, T, H, W, C)`` features.
+    weight: ``(T, K, K, C)`` correlation weight (see ``temporal_correlation``).
+    kernel_size: K, odd.
+    dilation: d >= 1.
+    impl: ``'auto'``, ``'xla'`` or ``'pallas'`` (the correlation and aggregation kernels in
+      sequence, ``rho`` rounded to ``x.dtype`` between them; the XLA path does not round it).
+
+  Returns:
+    ``(N, T, H, W, C)`` in ``x.dtype``.
+  """
+  op = 'temporal_correlation_aggregation'
+  impl = v.check_impl(op, impl)
+  kernel_size = v.check_kernel_size(op, kernel_size)
+  dilation = v.check_dilation(op, dilation)
+  x, weight = jnp.asarray(x), jnp.asarray(weight)
+  x_shape = v.check_x(op, x)
+  v.check_correlation_weight(op, weight, x_shape, kernel_size)
+  return dispatch.temporal_correlation_aggregation(x, weight, kernel_size=kernel_size,
+                                                   dilation=dilation, impl=impl)
+
+
 def deformable_correlation(x: Array, offsets: Array, weight: Array, *, kernel_size: int = 3,
                            dilation: int = 1, groups: int = 1, impl: str = 'auto') -> Array:
   """SIFA deformable correlation (SPEC.md 2.4, ``defcor``), stride 1.

@@ -8,8 +8,10 @@ Every such function does one thing: ``_select(op_name, impl, xla_fn)(*arrays, **
 the only place that looks a Pallas kernel up (in the top-level ``kernels`` package, which never
 imports ``dtf_jax``). Behaviour:
   * ``'xla'``: the pure-jnp reference in ``dtf_jax.ops.reference`` (for ``frame_wise_aggregation``
-    its unrolled twin with a hand-written backward, ``dtf_jax.ops.frame_wise``: same values);
-  * ``'pallas'``: the Pallas kernels: compiled (Triton) when lowered for ``cuda``, Pallas interpret
+    and ``temporal_correlation_aggregation`` their unrolled twins with hand-written backwards,
+    ``dtf_jax.ops.frame_wise``: same values);
+  * ``'pallas'``: the Pallas kernels (``temporal_correlation_aggregation``: the correlation and
+    aggregation kernels in sequence): compiled (Triton) when lowered for ``cuda``, Pallas interpret
     mode on any other platform (slow; for tests and debugging);
   * ``'auto'``: the compiled Pallas kernels when lowered for ``cuda``, the XLA reference elsewhere.
 
@@ -42,9 +44,20 @@ def _pallas_implementation(op_name: str) -> Callable[..., object]:
       'temporal_correlation': dtf_local.temporal_correlation,
       'temporal_aggregation': dtf_local.temporal_aggregation,
       'frame_wise_aggregation': dtf_local.frame_wise_aggregation,
+      'temporal_correlation_aggregation': functools.partial(
+          _correlation_then_aggregation, dtf_local.temporal_correlation,
+          dtf_local.temporal_aggregation),
       'deformable_correlation': sifa_deformable.deformable_correlation,
       'deformable_aggregation': sifa_deformable.deformable_aggregation,
   }[op_name]
+
+
+def _correlation_then_aggregation(correlation, aggregation, x, weight, *, kernel_size, dilation,
+                                  interpret):
+  """The two kernels in sequence (``rho`` in ``x.dtype`` between them; no fused kernel)."""
+  rho = correlation(x, weight, kernel_size=kernel_size, dilation=dilation, groups=1,
+                    interpret=interpret)
+  return aggregation(x, rho, kernel_size=kernel_size, dilation=dilation, interpret=interpret)
 
 
 def _by_lowering_platform(cuda_fn: Callable[..., object],
@@ -93,6 +106,13 @@ def deformable_aggregation(x: Array, offsets: Array, attn: Array, *, kernel_size
                            dilation: int, groups: int, impl: str) -> Array:
   fn = _select('deformable_aggregation', impl, reference.deformable_aggregation)
   return fn(x, offsets, attn, kernel_size=kernel_size, dilation=dilation, groups=groups)
+
+
+def temporal_correlation_aggregation(x: Array, weight: Array, *, kernel_size: int, dilation: int,
+                                     impl: str) -> Array:
+  fn = _select('temporal_correlation_aggregation', impl,
+               frame_wise.temporal_correlation_aggregation)
+  return fn(x, weight, kernel_size=kernel_size, dilation=dilation)
 
 
 def frame_wise_aggregation(x: Array, weight: Array, *, kernel_size: int, dilation: int,

@@ -1,6 +1,8 @@
 """DTF frame-wise aggregation (steps 1-4 of SPEC.md 3.2) for XLA, with a hand-written backward.
 
-The ``'xla'`` implementation of ``dtf_jax.ops.frame_wise_aggregation``. Same values as the
+The ``'xla'`` implementation of ``dtf_jax.ops.frame_wise_aggregation``, and (the same taps and
+backward without the softmax, the residual and the frame shift) of
+``dtf_jax.ops.temporal_correlation_aggregation``, SIFA-Swin's correlation + aggregation. Same values as the
 autodiff oracle ``dtf_jax.ops.reference.frame_wise_aggregation`` (tests/test_ops.py compares both
 with float64 NumPy loops, and their gradients with each other), but laid out for XLA:CPU:
 
@@ -93,19 +95,67 @@ def _tap_sums(padded: Array, operands: tuple, taps, summand, height: int, width:
   return sums
 
 
-def _forward(x: Array, weight: Array, kernel_size: int, dilation: int):
-  """``(u, r, a)`` in the dtype of ``x`` (the compute dtype)."""
+def _correlate(x: Array, weight: Array, kernel_size: int, dilation: int) -> Array:
+  """``r_k = sum_c q * w_k * x̂_k`` with ``q = x[t⁻]``: ``(N, T, H, W, K*K)``."""
   _, _, height, width, _ = x.shape
-  query = reference._previous_frame(x)
+  taps, _ = _taps(kernel_size, dilation)
+  return jnp.stack(_tap_sums(
+      _pad(x, kernel_size, dilation), (reference._previous_frame(x), weight), taps,
+      lambda i, key, query, weight: query * _tap_weight(weight, i) * key,
+      height, width), axis=-1)
+
+
+def _aggregate(x: Array, attn: Array, kernel_size: int, dilation: int) -> Array:
+  """``m = sum_k a_k * x̂_k`` (one fusion): ``(N, T, H, W, C)``."""
+  _, _, height, width, _ = x.shape
   padded = _pad(x, kernel_size, dilation)
   taps, _ = _taps(kernel_size, dilation)
-  raw = jnp.stack(_tap_sums(
-      padded, (query, weight), taps,
-      lambda i, key, query, weight: query * _tap_weight(weight, i) * key,
-      height, width), axis=-1)  # (N, T, H, W, K*K)
-  attn = jax.nn.softmax(raw, axis=-1)
-  aggregated = functools.reduce(jnp.add, [
+  return functools.reduce(jnp.add, [
       attn[..., i, None] * _window(padded, *s, height, width) for i, s in enumerate(taps)])
+
+
+def _correlation_aggregation_gradients(x, weight, attn, dm, logits_cotangent, kernel_size,
+                                       dilation):
+  """Gradients of ``m = aggregate(x, a)`` with ``a = f(correlate(x, weight))``.
+
+  Args:
+    x, weight: the op's inputs (compute dtype); attn: ``a`` as the forward computed it.
+    dm: cotangent of ``m``.
+    logits_cotangent: ``dattn -> dr'``, the cotangent of the correlation ``r`` given that of
+      ``a`` (the softmax backward plus any cotangent on ``r`` itself; the identity without one).
+
+  Returns:
+    ``(dx, dweight)``: every path through the taps and the previous-frame query.
+  """
+  _, _, height, width, _ = x.shape
+  pad = lambda a: _pad(a, kernel_size, dilation)
+  query = reference._previous_frame(x)
+  padded = pad(x)
+  taps, back = _taps(kernel_size, dilation)
+  dattn = jnp.stack(_tap_sums(padded, (dm,), taps, lambda i, key, dm: dm * key, height, width),
+                    axis=-1)
+  draw = logits_cotangent(dattn)
+  dquery = functools.reduce(jnp.add, [
+      draw[..., i, None] * _tap_weight(weight, i) * _window(padded, *s, height, width)
+      for i, s in enumerate(taps)])
+  dm_padded, query_padded = pad(dm), pad(query)
+  attn_padded, draw_padded = pad(attn), pad(draw)
+  dx_taps = functools.reduce(jnp.add, [
+      _window(attn_padded[..., i:i + 1], *s, height, width) * _window(dm_padded, *s, height, width)
+      + _window(draw_padded[..., i:i + 1], *s, height, width) * _tap_weight(weight, i)
+      * _window(query_padded, *s, height, width)
+      for i, s in enumerate(back)])
+  dweight = jnp.stack(_tap_sums(
+      padded, (draw, query), taps, lambda i, key, draw, query: draw[..., i, None] * query * key,
+      height, width, axis=(0, 2, 3)), axis=1)  # (T, K*K, C)
+  return dx_taps + _previous_frame_transpose(dquery), dweight.reshape(weight.shape)
+
+
+def _forward(x: Array, weight: Array, kernel_size: int, dilation: int):
+  """``(u, r, a)`` in the dtype of ``x`` (the compute dtype)."""
+  raw = _correlate(x, weight, kernel_size, dilation)
+  attn = jax.nn.softmax(raw, axis=-1)
+  aggregated = _aggregate(x, attn, kernel_size, dilation)
   return x + reference._next_frame_or_zero(aggregated), raw, attn
 
 
@@ -124,36 +174,51 @@ def _frame_wise_aggregation_fwd(x, weight, kernel_size, dilation):
 def _frame_wise_aggregation_bwd(kernel_size, dilation, residuals, cotangents):
   x, weight, attn = residuals
   du, draw = cotangents
-  _, _, height, width, _ = x.shape
-  pad = lambda a: _pad(a, kernel_size, dilation)
-  query = reference._previous_frame(x)
-  padded = pad(x)
   # u_t = x_t + m_{t+1}: the aggregate m of frame t receives the gradient of u_{t-1} (none at t=0).
   dm = jnp.concatenate([jnp.zeros_like(du[:, :1]), du[:, :-1]], axis=1)
-  taps, back = _taps(kernel_size, dilation)
-
-  dattn = jnp.stack(_tap_sums(padded, (dm,), taps, lambda i, key, dm: dm * key, height, width),
-                    axis=-1)
-  draw = draw + attn * (dattn - jnp.sum(attn * dattn, axis=-1, keepdims=True))
-
-  dquery = functools.reduce(jnp.add, [
-      draw[..., i, None] * _tap_weight(weight, i) * _window(padded, *s, height, width)
-      for i, s in enumerate(taps)])
-  dm_padded, query_padded = pad(dm), pad(query)
-  attn_padded, draw_padded = pad(attn), pad(draw)
-  dx_taps = functools.reduce(jnp.add, [
-      _window(attn_padded[..., i:i + 1], *s, height, width) * _window(dm_padded, *s, height, width)
-      + _window(draw_padded[..., i:i + 1], *s, height, width) * _tap_weight(weight, i)
-      * _window(query_padded, *s, height, width)
-      for i, s in enumerate(back)])
-  dx = du + dx_taps + _previous_frame_transpose(dquery)
-  dweight = jnp.stack(_tap_sums(
-      padded, (draw, query), taps, lambda i, key, draw, query: draw[..., i, None] * query * key,
-      height, width, axis=(0, 2, 3)), axis=1)  # (T, K*K, C)
-  return dx, dweight.reshape(weight.shape)
+  softmax_backward = lambda dattn: draw + attn * (
+      dattn - jnp.sum(attn * dattn, axis=-1, keepdims=True))
+  dx, dweight = _correlation_aggregation_gradients(x, weight, attn, dm, softmax_backward,
+                                                   kernel_size, dilation)
+  return du + dx, dweight
 
 
 _frame_wise_aggregation.defvjp(_frame_wise_aggregation_fwd, _frame_wise_aggregation_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _correlation_aggregation(x: Array, weight: Array, kernel_size: int, dilation: int) -> Array:
+  return _aggregate(x, _correlate(x, weight, kernel_size, dilation), kernel_size, dilation)
+
+
+def _correlation_aggregation_fwd(x, weight, kernel_size, dilation):
+  rho = _correlate(x, weight, kernel_size, dilation)
+  return _aggregate(x, rho, kernel_size, dilation), (x, weight, rho)
+
+
+def _correlation_aggregation_bwd(kernel_size, dilation, residuals, dm):
+  x, weight, rho = residuals
+  return _correlation_aggregation_gradients(x, weight, rho, dm, lambda drho: drho, kernel_size,
+                                            dilation)
+
+
+_correlation_aggregation.defvjp(_correlation_aggregation_fwd, _correlation_aggregation_bwd)
+
+
+def temporal_correlation_aggregation(x: Array, weight: Array, *, kernel_size: int,
+                                     dilation: int) -> Array:
+  """Aggregation of ``x`` with its own (unnormalised) temporal correlation, one group.
+
+  Same contract as ``reference.temporal_correlation_aggregation``: ``x (N, T, H, W, C)``,
+  ``weight (T, K, K, C)``, returns ``(N, T, H, W, C)`` in ``x.dtype``, arithmetic in at least
+  float32 (the correlation is not rounded to ``x.dtype`` between the two steps). The backward
+  keeps ``x`` and the correlation ``rho`` (``K*K / C`` of ``x``'s size) and is the frame-wise
+  backward above without the softmax; XLA drops the weight gradient where nothing uses it (the
+  SIFA blocks' frozen weight).
+  """
+  dtype = reference._compute_dtype(x, weight)
+  m = _correlation_aggregation(x.astype(dtype), weight.astype(dtype), kernel_size, dilation)
+  return m.astype(x.dtype)
 
 
 def frame_wise_aggregation(x: Array, weight: Array, *, kernel_size: int,

@@ -223,6 +223,26 @@ def frame_wise_aggregation(x: Array, weight: Array, *, kernel_size: int,
   return u.astype(x.dtype), raw.astype(x.dtype)
 
 
+def temporal_correlation_aggregation(x: Array, weight: Array, *, kernel_size: int,
+                                     dilation: int) -> Array:
+  """SIFA-Swin's unshifted-block core (SPEC.md 3.8), one group, XLA path.
+
+  ``rho = temporal_correlation(x, weight)`` (no normalisation), ``m = temporal_aggregation(x,
+  rho)``; ``rho`` is not rounded to ``x.dtype`` in between.
+
+  Args:
+    x: ``(N, T, H, W, C)``.
+    weight: ``(T, K, K, C)``.
+    kernel_size: K (odd). dilation: d >= 1.
+
+  Returns:
+    ``m (N, T, H, W, C)`` in ``x.dtype``.
+  """
+  xc = x.astype(_compute_dtype(x, weight))  # cast once (see frame_wise_aggregation)
+  rho = _correlation(xc, weight, kernel_size, dilation, 1)
+  return _aggregation(xc, rho, kernel_size, dilation).astype(x.dtype)
+
+
 # ------------------------------------------------------------------------------------------------
 # Deformable taps (SIFA-ResNet).
 # ------------------------------------------------------------------------------------------------
