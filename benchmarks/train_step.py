@@ -36,7 +36,13 @@ with ``--batch`` / ``--image-size``).
   python benchmarks/train_step.py                       # all six networks, ~10 min on 2 cores
   python benchmarks/train_step.py --models c2d_dtf_resnet50,c2d_sifa_swin_vit_s_p4_w7 --repeats 7
   python benchmarks/train_step.py --json results.json   # also write the rows as JSON
+  python benchmarks/train_step.py --round-robin         # every network in one alternation
   python benchmarks/train_step.py --from-json results.json   # print the tables of a saved run
+
+``--round-robin`` builds all networks first and times them in one alternation (every round runs
+each network in both frameworks), so the temporal overheads over the C2D baselines, differences
+of two networks' medians, compare steps of the same minutes rather than each network's own stretch
+of the run (the VM's speed phases last minutes; ``benchmarks/README.md``).
 
 Threads: PyTorch uses ``--threads`` intra-op threads (default: all cores); XLA:CPU uses all cores.
 
@@ -353,9 +359,24 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 10) -> float:
   return 2.0 * size**3 / min(times)
 
 
-def measure(name: str, *, batch: int, image_size: int, repeats: int, warmup: int, on_gpu: bool,
-            jax_overrides: dict | None = None, log=print) -> dict:
-  """Alternating A/B timings of one network; returns a row of results."""
+@dataclasses.dataclass
+class _Network:
+  """One network under measurement: its result row, both runners and the raw samples."""
+  row: dict
+  runners: dict
+  times: dict = dataclasses.field(default_factory=dict)
+  cpu_times: dict = dataclasses.field(default_factory=dict)
+  faults: dict = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    for fw in self.runners:
+      self.faults[fw] = []
+      for kind in ('forward', 'train'):
+        self.times[fw, kind], self.cpu_times[fw, kind] = [], []
+
+
+def _build(name: str, *, batch: int, image_size: int, on_gpu: bool, jax_overrides: dict | None,
+           log) -> _Network:
   t0 = time.perf_counter()
   torch_runner, jax_runner = build_pair(name, batch, image_size, on_gpu=on_gpu,
                                         jax_overrides=jax_overrides)
@@ -363,51 +384,83 @@ def measure(name: str, *, batch: int, image_size: int, repeats: int, warmup: int
   row.update(jax_runner.compile())
   log(f'  {name}: built + compiled in {time.perf_counter() - t0:.0f} s '
       f'(XLA compile: forward {row["forward_compile_s"]:.0f} s, train {row["train_compile_s"]:.0f} s)')
-  runners = {'torch': torch_runner, 'jax': jax_runner}
-  times = {(fw, kind): [] for fw in runners for kind in ('forward', 'train')}
-  cpu_times = {(fw, kind): [] for fw in runners for kind in ('forward', 'train')}
-  faults = {fw: [] for fw in runners}
+  return _Network(row, {'torch': torch_runner, 'jax': jax_runner})
+
+
+def _time_rounds(networks: list[_Network], repeats: int, warmup: int) -> None:
+  """Alternating timings: every round runs each network's forward and training steps in both
+  frameworks (framework order and network order flip every round); the first ``warmup`` rounds
+  are not kept."""
   for r in range(warmup + repeats):
     order = ('torch', 'jax') if r % 2 == 0 else ('jax', 'torch')
-    for kind in ('forward', 'train'):
-      for fw in order:
-        runner = runners[fw]
-        fn = runner.run_forward if kind == 'forward' else runner.run_train
-        cpu_start, faults_start = _process_usage()
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        cpu_end, faults_end = _process_usage()
-        if r >= warmup:
-          times[fw, kind].append(elapsed)
-          cpu_times[fw, kind].append(cpu_end - cpu_start)
-          if kind == 'train':
-            faults[fw].append(faults_end - faults_start)
+    for net in (networks if r % 2 == 0 else networks[::-1]):
+      for kind in ('forward', 'train'):
+        for fw in order:
+          runner = net.runners[fw]
+          fn = runner.run_forward if kind == 'forward' else runner.run_train
+          cpu_start, faults_start = _process_usage()
+          start = time.perf_counter()
+          fn()
+          elapsed = time.perf_counter() - start
+          cpu_end, faults_end = _process_usage()
+          if r >= warmup:
+            net.times[fw, kind].append(elapsed)
+            net.cpu_times[fw, kind].append(cpu_end - cpu_start)
+            if kind == 'train':
+              net.faults[fw].append(faults_end - faults_start)
+
+
+def _finish(net: _Network, on_gpu: bool) -> dict:
+  """Peak memory in steps of their own, then the row's medians, ratios and FLOP rates."""
   # Peak memory in steps of their own, after the timed ones: resetting the high-water mark
   # starts with malloc_trim, which hands the allocator's free memory back to the kernel, so the
   # next step faults it in again (PyTorch's heap: ~144k instead of ~15k page faults per
   # DTF-R50 step, +15-22% step time). Timing such steps made PyTorch look slower than it is
   # (benchmarks/README.md, run N).
+  row = net.row
   memory = PeakMemory(on_gpu)
-  peaks = {fw: [] for fw in runners}
+  peaks = {fw: [] for fw in net.runners}
   for _ in range(MEMORY_STEPS):
-    for fw, runner in runners.items():
+    for fw, runner in net.runners.items():
       memory.start()
       runner.run_train()
       peaks[fw].append(memory.stop(fw))
-  for (fw, kind), values in times.items():
+  for (fw, kind), values in net.times.items():
     row[f'{fw}_{kind}_ms'] = 1e3 * statistics.median(values)
     row[f'{fw}_{kind}_all_ms'] = [round(1e3 * v, 1) for v in values]
-    row[f'{fw}_{kind}_cpu_ms'] = 1e3 * statistics.median(cpu_times[fw, kind])
+    row[f'{fw}_{kind}_cpu_ms'] = 1e3 * statistics.median(net.cpu_times[fw, kind])
   for fw, values in peaks.items():
     row[f'{fw}_train_peak_bytes'] = max(values)
-    row[f'{fw}_train_minor_faults'] = statistics.median(faults[fw])  # (repeats >= 1)
+    row[f'{fw}_train_minor_faults'] = statistics.median(net.faults[fw])  # (repeats >= 1)
   if on_gpu:
     row['jax_train_peak_bytes'] = row['train_xla_temp_bytes']
   for kind in ('forward', 'train'):
     row[f'{kind}_ratio'] = row[f'jax_{kind}_ms'] / row[f'torch_{kind}_ms']
     row[f'jax_{kind}_flops_per_s'] = row[f'{kind}_flops'] / (row[f'jax_{kind}_ms'] / 1e3)
   return row
+
+
+def measure(name: str, *, batch: int, image_size: int, repeats: int, warmup: int, on_gpu: bool,
+            jax_overrides: dict | None = None, log=print) -> dict:
+  """Alternating A/B timings of one network; returns a row of results."""
+  net = _build(name, batch=batch, image_size=image_size, on_gpu=on_gpu,
+               jax_overrides=jax_overrides, log=log)
+  _time_rounds([net], repeats, warmup)
+  return _finish(net, on_gpu)
+
+
+def measure_round_robin(specs: list[tuple[str, int, int]], *, repeats: int, warmup: int,
+                        on_gpu: bool, jax_overrides: dict | None = None, log=print) -> list[dict]:
+  """All networks ``(name, batch, image_size)`` built first, then timed in one alternation.
+
+  Every round runs each network's steps in both frameworks, so all medians (and the overheads
+  over the C2D baselines, differences of two networks' medians) come from the same minutes of
+  the run instead of each network's own stretch of it (the VM's speed phases last minutes).
+  """
+  networks = [_build(name, batch=batch, image_size=size, on_gpu=on_gpu,
+                     jax_overrides=jax_overrides, log=log) for name, batch, size in specs]
+  _time_rounds(networks, repeats, warmup)
+  return [_finish(net, on_gpu) for net in networks]
 
 
 def add_temporal_overheads(rows: list[dict]) -> None:
@@ -500,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
                       help='PyTorch intra-op threads (XLA:CPU uses all cores)')
   parser.add_argument('--override', action='append', default=[], metavar='KEY=VALUE',
                       help='dtf_jax model override, e.g. dtype=bfloat16 or remat=True (repeatable)')
+  parser.add_argument('--round-robin', action='store_true',
+                      help='build every network first, then time them all in one alternation '
+                           '(each round runs every network in both frameworks): the overheads '
+                           'over the C2D baselines compare steps of the same minutes')
   parser.add_argument('--json', default=None, help='also write the result rows to this file')
   parser.add_argument('--from-json', default=None, metavar='FILE',
                       help='print the tables of an earlier --json run instead of measuring')
@@ -542,17 +599,21 @@ def main(argv: list[str] | None = None) -> int:
   peak = matmul_peak_flops()
   print(f'float32 matmul peak (2048^3, jitted, fastest of 10; measured again at the end): '
         f'{peak / 1e9:.0f} GFLOP/s')
-  rows = []
-  for name in names:
-    batch, size = sizes[NETWORKS[name].family]
-    rows.append(measure(name, batch=args.batch or batch, image_size=args.image_size or size,
-                        repeats=args.repeats, warmup=args.warmup, on_gpu=on_gpu,
-                        jax_overrides=overrides))
+  specs = [(name, args.batch or sizes[NETWORKS[name].family][0],
+            args.image_size or sizes[NETWORKS[name].family][1]) for name in names]
+  if args.round_robin:
+    rows = measure_round_robin(specs, repeats=args.repeats, warmup=args.warmup, on_gpu=on_gpu,
+                               jax_overrides=overrides)
+  else:
+    rows = [measure(name, batch=batch, image_size=size, repeats=args.repeats,
+                    warmup=args.warmup, on_gpu=on_gpu, jax_overrides=overrides)
+            for name, batch, size in specs]
   add_temporal_overheads(rows)
   peak = max(peak, matmul_peak_flops())
   load_end = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
   print()
-  print(f'median of {args.repeats} (after {args.warmup} warm-up), alternating A/B; '
+  schedule = 'all networks in one alternation' if args.round_robin else 'one network at a time'
+  print(f'median of {args.repeats} (after {args.warmup} warm-up), alternating A/B, {schedule}; '
         f'load average {load:.2f} -> {load_end:.2f}; float32 matmul peak {peak / 1e9:.0f} GFLOP/s; '
         f'dtf_jax overrides {overrides or "none"}')
   print(format_table(rows, peak))
@@ -560,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json, 'w') as f:
       json.dump(dict(device=device.device_kind, matmul_peak_flops=peak, load_average=[load, load_end],
                      overrides=overrides, glibc_tunables=tunables, reuse_step_memory=reused,
-                     rows=rows), f, indent=1)
+                     round_robin=args.round_robin, rows=rows), f, indent=1)
   return 0
 
 

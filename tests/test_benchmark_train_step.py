@@ -157,3 +157,45 @@ def test_no_timed_step_follows_a_memory_reset(monkeypatch):
     assert row[f'{fw}_train_peak_bytes'] > 0
     assert row[f'{fw}_train_minor_faults'] >= 0
     assert len(row[f'{fw}_train_all_ms']) == 2
+
+
+def test_round_robin_times_every_network_in_every_round(monkeypatch):
+  """``--round-robin``: each round runs every network's forward and training step in both
+  frameworks, the network order flips every round, warm-up rounds are dropped, and the memory
+  steps come after all timed ones. Stand-in runners record the call order."""
+  events = []
+
+  class Runner:
+    def __init__(self, name, fw):
+      self.name, self.fw = name, fw
+
+    def run_forward(self):
+      events.append((self.name, 'forward', self.fw))
+
+    def run_train(self):
+      events.append((self.name, 'train', self.fw))
+
+  def build(name, **_):
+    row = dict(model=name, batch=1, image_size=8, frames=16, forward_flops=1.0, train_flops=3.0)
+    return train_step._Network(row, {fw: Runner(name, fw) for fw in ('torch', 'jax')})
+
+  monkeypatch.setattr(train_step, '_build', build)
+  monkeypatch.setattr(train_step, 'MEMORY_STEPS', 1)
+  names = ['net_a', 'net_b', 'net_c']
+  rows = train_step.measure_round_robin([(n, 1, 8) for n in names], repeats=3, warmup=1,
+                                        on_gpu=False, log=lambda *_: None)
+  per_round = 3 * 2 * 2  # networks x kinds x frameworks
+  rounds = [events[i * per_round:(i + 1) * per_round] for i in range(4)]
+  for r, calls in enumerate(rounds):
+    assert sorted(calls) == sorted((n, k, fw) for n in names for k in ('forward', 'train')
+                                   for fw in ('torch', 'jax'))
+    network_order = list(dict.fromkeys(name for name, _, _ in calls))
+    assert network_order == (names if r % 2 == 0 else names[::-1])
+    first_fw = calls[0][2]
+    assert first_fw == ('torch' if r % 2 == 0 else 'jax')
+  memory_steps = events[4 * per_round:]
+  assert sorted(memory_steps) == sorted((n, 'train', fw) for n in names for fw in ('torch', 'jax'))
+  assert [r['model'] for r in rows] == names
+  for row in rows:
+    for fw in ('torch', 'jax'):
+      assert len(row[f'{fw}_train_all_ms']) == 3 and len(row[f'{fw}_forward_all_ms']) == 3
