@@ -5,7 +5,8 @@ three times, with every ``DTFBlock`` as it is, with only its frame-wise aggregat
 ``u + mean_k(r)``, so both outputs stay live) and replaced by the identity, timed alternating in one
 process. The differences are what the blocks, their frame-wise aggregation and their spectral path
 (steps 5-10) cost in the step, which ``dtf_block.py`` (the blocks alone) can only approximate. For
-SIFA-Swin-S: the step with its temporal modules (inter-frame attention, tubelet convs) and without.
+SIFA-Swin-S: the step with its temporal modules (inter-frame attention, tubelet convs), with one of
+them, and without.
 Measured in one process, these differences do not mix VM phases the way ``train_step.py``'s
 overheads (steps of two networks taken minutes apart) do; ``--pytorch-overhead`` adds the PyTorch
 network with and without its temporal modules (the same modules made the identity on its
@@ -22,7 +23,7 @@ drift apart (the VM's speed phases).
   python benchmarks/dtf_in_step.py --pytorch-overhead                     # + PyTorch with / without
   python benchmarks/dtf_in_step.py --pytorch-rounds 3                     # + part 2, ~4 min more
   python benchmarks/dtf_in_step.py --network c2d_dtf_swin_vit_s_p4_w7     # ~5 min
-  python benchmarks/dtf_in_step.py --network c2d_sifa_swin_vit_s_p4_w7    # ~4 min
+  python benchmarks/dtf_in_step.py --network c2d_sifa_swin_vit_s_p4_w7    # ~6 min (4 variants)
 """
 
 from __future__ import annotations
@@ -76,8 +77,16 @@ _DTF_VARIANTS = {
     'frame-wise aggregation only': (dtf_block.DTFBlock, '__call__', _aggregation_only),
     'DTF blocks = identity': (dtf_block.DTFBlock, '__call__', _identity),
 }
+def _zeros(module, x):
+  del module
+  return jnp.zeros_like(x)
+
+
 _SIFA_SWIN_VARIANTS = {
     'SIFA modules as they are': None,
+    'tubelet convs only': (swin_temporal.SIFASwinTransformerBlock, 'inter_frame_attention',
+                           _zeros),
+    'inter-frame attention only': (swin_temporal.SIFASwinTransformerBlock, 'tubelet_conv', _zeros),
     'SIFA modules = identity': (swin_temporal.SIFASwinTransformerBlock, 'temporal_interaction',
                                 _identity),
 }
@@ -207,7 +216,11 @@ def main(argv=None) -> int:
     print(f'DTF blocks {full - identity:.0f} ms of the step: frame-wise aggregation '
           f'{aggregation - identity:.0f} ms, spectral path {full - aggregation:.0f} ms')
   else:
-    print(f'SIFA modules {list(ms.values())[0] - identity:.0f} ms of the step')
+    full = ms['SIFA modules as they are']
+    print(f'SIFA modules {full - identity:.0f} ms of the step: inter-frame attention '
+          f'{full - ms["tubelet convs only"]:.0f} ms, tubelet convs '
+          f'{full - ms["inter-frame attention only"]:.0f} ms (each: the step with it minus the step '
+          f'without it)')
   if torch_ms:
     jax_cost = list(ms.values())[0] - identity
     torch_cost = torch_ms[PYTORCH_FULL] - torch_ms[PYTORCH_IDENTITY]

@@ -65,6 +65,30 @@ def test_sifa_swin_variant_removes_both_temporal_modules():
   assert cls.temporal_interaction is original
 
 
+def test_sifa_swin_single_module_variants_remove_exactly_one_module():
+  """'tubelet convs only' leaves the shifted block as it is and makes the unshifted one the
+  identity; 'inter-frame attention only' does the opposite; both restore the methods."""
+  variants = dtf_in_step.VARIANTS['c2d_sifa_swin_vit_s_p4_w7']
+  assert list(variants)[-1] == 'SIFA modules = identity'  # main() reads the identity row last
+  cls = swin_temporal.SIFASwinTransformerBlock
+  originals = (cls.inter_frame_attention, cls.tubelet_conv)
+  unshifted, shifted = [cls(8, (4, 4), 2, clip_len=2, shift_size=shift, window_size=2,
+                            rngs=nnx.Rngs(0)) for shift in (0, 1)]
+  unshifted.tda_norm.scale[...] = jnp.ones((8,))
+  x = jax.random.normal(jax.random.key(3), (2, 16, 8))
+  as_built = {b: np.asarray(b.temporal_interaction(x)) for b in (unshifted, shifted)}
+  for name, kept in (('tubelet convs only', shifted), ('inter-frame attention only', unshifted)):
+    with dtf_in_step._patched(variants[name]):
+      for b in (unshifted, shifted):
+        got = np.asarray(b.temporal_interaction(x))
+        if b is kept:
+          np.testing.assert_allclose(got, as_built[b], rtol=1e-6, atol=1e-6)
+        else:
+          np.testing.assert_array_equal(got, np.asarray(x))
+          assert not np.allclose(as_built[b], np.asarray(x))
+  assert (cls.inter_frame_attention, cls.tubelet_conv) == originals
+
+
 def test_part_one_smoke_run_prints_three_rows_and_their_differences(monkeypatch, capsys):
   monkeypatch.setattr(dtf_in_step, 'MODEL_OVERRIDES', {'layers': (1, 1, 1, 1)})
   assert dtf_in_step.main(['--repeats', '1', '--batch', '1', '--image-size', '32']) == 0
