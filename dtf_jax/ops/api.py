@@ -27,6 +27,16 @@ from dtf_jax.ops import validation as v
 Array = jax.Array
 
 
+def _checked_x_and_weight(op: str, x, weight, kernel_size, dilation, impl):
+  """Validated ``(x, weight, kernel_size, dilation, impl)`` of a one-group correlation op."""
+  impl = v.check_impl(op, impl)
+  kernel_size = v.check_kernel_size(op, kernel_size)
+  dilation = v.check_dilation(op, dilation)
+  x, weight = jnp.asarray(x), jnp.asarray(weight)
+  v.check_correlation_weight(op, weight, v.check_x(op, x), kernel_size)
+  return x, weight, kernel_size, dilation, impl
+
+
 def temporal_correlation(x: Array, weight: Array, *, kernel_size: int = 3, dilation: int = 1,
                          groups: int = 1, impl: str = 'auto') -> Array:
   """DTF temporal correlation (SPEC.md 2.1, ``CorrelationZeropad``).
@@ -113,12 +123,8 @@ def temporal_correlation_aggregation(x: Array, weight: Array, *, kernel_size: in
     ``(N, T, H, W, C)`` in ``x.dtype``.
   """
   op = 'temporal_correlation_aggregation'
-  impl = v.check_impl(op, impl)
-  kernel_size = v.check_kernel_size(op, kernel_size)
-  dilation = v.check_dilation(op, dilation)
-  x, weight = jnp.asarray(x), jnp.asarray(weight)
-  x_shape = v.check_x(op, x)
-  v.check_correlation_weight(op, weight, x_shape, kernel_size)
+  x, weight, kernel_size, dilation, impl = _checked_x_and_weight(
+      op, x, weight, kernel_size, dilation, impl)
   return dispatch.temporal_correlation_aggregation(x, weight, kernel_size=kernel_size,
                                                    dilation=dilation, impl=impl)
 
@@ -221,11 +227,7 @@ def frame_wise_aggregation(x: Array, weight: Array, *, kernel_size: int = 3, dil
     use the unrounded ``r``.
   """
   op = 'frame_wise_aggregation'
-  impl = v.check_impl(op, impl)
-  kernel_size = v.check_kernel_size(op, kernel_size)
-  dilation = v.check_dilation(op, dilation)
-  x, weight = jnp.asarray(x), jnp.asarray(weight)
-  x_shape = v.check_x(op, x)
-  v.check_correlation_weight(op, weight, x_shape, kernel_size)
+  x, weight, kernel_size, dilation, impl = _checked_x_and_weight(
+      op, x, weight, kernel_size, dilation, impl)
   return dispatch.frame_wise_aggregation(x, weight, kernel_size=kernel_size, dilation=dilation,
                                          impl=impl)
