@@ -285,20 +285,32 @@ def test_layer_norm_matches_nnx_layer_norm(x64, dtype):
                                rtol=tol, atol=tol * 10)
 
 
+# The custom-VJP matmuls and the plain expressions whose value and autodiff they must equal.
+_MATMULS = {
+    'matmul_last_axis': (common.matmul_last_axis, lambda a, b: jnp.einsum('...i,io->...o', a, b)),
+    'gelu_matmul_last_axis': (common.gelu_matmul_last_axis, lambda a, b: jnp.einsum(
+        '...i,io->...o', jax.nn.gelu(a, approximate=False), b)),
+}
+
+
+@pytest.mark.parametrize('op', sorted(_MATMULS))
 @pytest.mark.parametrize('lead', ((7,), (2, 3, 5)), ids=('rows', 'tokens'))
 @pytest.mark.parametrize('features', ((6, 4), (3, 5)), ids=('narrowing', 'widening'))
-def test_matmul_last_axis_matches_autodiff_of_a_plain_matmul(x64, lead, features):
-  rng = np.random.default_rng(len(lead))
-  x = jnp.asarray(rng.normal(size=(*lead, features[0])))
+def test_custom_vjp_matmuls_match_autodiff_of_the_plain_expression(x64, op, lead, features):
+  """Value and both gradients equal autodiff of the plain expression (float64), and
+  ``check_grads`` agrees with finite differences."""
+  fn, plain = _MATMULS[op]
+  rng = np.random.default_rng(len(lead) + len(op))
+  x = jnp.asarray(rng.normal(size=(*lead, features[0])) * 2.0)
   kernel = jnp.asarray(rng.normal(size=features))
-  got, got_vjp = jax.vjp(common.matmul_last_axis, x, kernel)
-  want, want_vjp = jax.vjp(lambda a, b: jnp.einsum('...i,io->...o', a, b), x, kernel)
+  got, got_vjp = jax.vjp(fn, x, kernel)
+  want, want_vjp = jax.vjp(plain, x, kernel)
   np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
   g = jnp.asarray(rng.normal(size=want.shape))
   for a, b in zip(got_vjp(g), want_vjp(g)):
     assert a.shape == b.shape
-    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-  jax.test_util.check_grads(common.matmul_last_axis, (x, kernel), order=1, modes=('rev',))
+    np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+  jax.test_util.check_grads(fn, (x, kernel), order=1, modes=('rev',))
 
 
 def test_linear_routes_through_matmul_last_axis_with_torch_semantics(x64):
@@ -331,25 +343,6 @@ def test_linear_dot_general_falls_back_for_other_contractions():
   out, vjp = jax.vjp(common.matmul_last_axis, x16, k16)
   dx, dk = vjp(jnp.ones_like(out))
   assert out.dtype == dx.dtype == dk.dtype == jnp.bfloat16
-
-
-@pytest.mark.parametrize('lead', ((7,), (2, 3, 5)), ids=('rows', 'tokens'))
-@pytest.mark.parametrize('features', ((6, 4), (3, 5)), ids=('narrowing', 'widening'))
-def test_gelu_matmul_last_axis_matches_autodiff_of_gelu_then_matmul(x64, lead, features):
-  """Value and both gradients equal autodiff of ``jax.nn.gelu(h) @ kernel`` (float64), and
-  ``check_grads`` agrees with finite differences."""
-  rng = np.random.default_rng(11 + len(lead))
-  h = jnp.asarray(rng.normal(size=(*lead, features[0])) * 2.0)
-  kernel = jnp.asarray(rng.normal(size=features))
-  got, got_vjp = jax.vjp(common.gelu_matmul_last_axis, h, kernel)
-  want, want_vjp = jax.vjp(
-      lambda a, b: jnp.einsum('...i,io->...o', jax.nn.gelu(a, approximate=False), b), h, kernel)
-  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-  g = jnp.asarray(rng.normal(size=want.shape))
-  for a, b in zip(got_vjp(g), want_vjp(g)):
-    assert a.shape == b.shape
-    np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
-  jax.test_util.check_grads(common.gelu_matmul_last_axis, (h, kernel), order=1, modes=('rev',))
 
 
 @pytest.mark.parametrize('case', ('bias', 'no_bias', 'bfloat16_layer', 'plain_dot_general'))
