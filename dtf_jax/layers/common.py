@@ -550,24 +550,24 @@ def _gelu_fwd(x):
   return gelu_exact(x), x
 
 
+def _gelu_cdf(xf: Array) -> Array:
+  """``Phi(x)``, the standard normal CDF, of a float32 (or float64) array."""
+  return 0.5 * jax.lax.erfc(-xf * _SQRT_HALF)
+
+
+def _gelu_derivative(xf: Array, cdf: Array) -> Array:
+  """``d gelu / dx = Phi(x) + x * phi(x)`` given ``cdf = Phi(x)``."""
+  return cdf + xf * (jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI)
+
+
 def _gelu_bwd(x, g):
   x, g = jax.lax.optimization_barrier((x, g))  # recompute here, do not keep forward values
   dtype = jnp.promote_types(x.dtype, jnp.float32)
   xf = x.astype(dtype)
-  cdf = 0.5 * jax.lax.erfc(-xf * _SQRT_HALF)
-  pdf = jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI
-  return ((g.astype(dtype) * (cdf + xf * pdf)).astype(x.dtype),)
+  return ((g.astype(dtype) * _gelu_derivative(xf, _gelu_cdf(xf))).astype(x.dtype),)
 
 
 gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
-
-
-def _gelu_parts(x: Array) -> tuple[Array, Array]:
-  """``(x, Phi(x))`` in ``promote_types(x.dtype, float32)``; ``Phi`` is materialised once."""
-  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  # One erfc pass shared by the recomputed GELU and its derivative (XLA would otherwise evaluate
-  # the polynomial once in each of their fusions).
-  return xf, jax.lax.optimization_barrier(0.5 * jax.lax.erfc(-xf * _SQRT_HALF))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -593,11 +593,13 @@ def _gelu_matmul_fwd(h, kernel, precision):
 def _gelu_matmul_bwd(precision, residuals, g):
   # Tied to the cotangent so that the GELU is recomputed here, not kept (or CSE'd) from the forward.
   (h, kernel), g = jax.lax.optimization_barrier((residuals, g))
-  hf, cdf = _gelu_parts(h)
+  hf = h.astype(jnp.promote_types(h.dtype, jnp.float32))
+  # Phi(h) materialised once, shared by the recomputed GELU and its derivative (XLA would
+  # otherwise evaluate the erfc polynomial once in each of their fusions).
+  cdf = jax.lax.optimization_barrier(_gelu_cdf(hf))
   activation = (hf * cdf).astype(h.dtype)
   d_activation, dkernel = _matmul_last_axis_bwd(precision, (activation, kernel), g)
-  pdf = jnp.exp(-0.5 * hf * hf) * _INV_SQRT_2PI
-  dh = d_activation.astype(hf.dtype) * (cdf + hf * pdf)
+  dh = d_activation.astype(hf.dtype) * _gelu_derivative(hf, cdf)
   return dh.astype(h.dtype), dkernel
 
 
@@ -615,7 +617,7 @@ def gelu_then_linear(h: Array, linear_layer: nnx.Linear) -> Array:
   bias = layer.bias[...] if layer.bias is not None else None
   x, kernel, bias = layer.promote_dtype((h, layer.kernel[...], bias), dtype=layer.dtype)
   if (layer.dot_general is not linear_dot_general or layer.preferred_element_type is not None
-      or x.dtype != kernel.dtype or x.dtype != h.dtype or kernel.ndim != 2):
+      or x.dtype != h.dtype):
     return layer(gelu_exact(h))
   y = gelu_matmul_last_axis(x, kernel, layer.precision)
   if bias is not None:
