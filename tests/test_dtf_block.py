@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 
 from dtf_jax.layers import common
-from dtf_jax.layers.dtf_block import DTFBlock
+from dtf_jax.layers.dtf_block import ComplexLinear, DTFBlock
 from torch_reference import dtf_block as tdtf
 from torch_reference.flax_copy import copy_torch_to_flax, flax_batch_stats_as_torch, randomize_torch
 
@@ -105,6 +105,40 @@ def test_dtf_block_matches_torch_train_then_eval(clip_len, dim):
   with torch.no_grad():
     yt2 = tblock2(to_torch_layout(x2))
   assert_close(apply(jblock2, jnp.asarray(x2)), from_torch_layout(yt2), "eval output")
+
+
+def test_complex_linear_value_and_gradients_match_complex128_numpy():
+  # V = P W^T with W = A + iB; for L = sum(Re V * g_re + Im V * g_im) and H = conj(G) W:
+  # dL/dRe P = Re H, dL/dIm P = -Im H, dL/dA = Re(conj(G)^T P), dL/dB = -Im(conj(G)^T P).
+  # C_out != C_in and odd leading dims catch a transposed or misbatched Gauss product.
+  c_in, c_out = 12, 20
+  rng = np.random.default_rng(11)
+  layer = ComplexLinear(c_in, c_out, rngs=rbg_rngs(11))
+  cw = rng.normal(size=(c_out, c_in, 2)).astype(np.float32)
+  layer.complex_weight[...] = jnp.asarray(cw)
+  p, q = (rng.normal(size=(2, 3, 5, c_in)).astype(np.float32) for _ in range(2))
+  g_re, g_im = (rng.normal(size=(2, 3, 5, c_out)).astype(np.float32) for _ in range(2))
+
+  w = cw[..., 0].astype(np.float64) + 1j * cw[..., 1]
+  big_p = p.astype(np.float64) + 1j * q
+  big_g = g_re.astype(np.float64) + 1j * g_im
+  v = big_p @ w.T
+  re, im = layer(jnp.asarray(p), jnp.asarray(q))
+  np.testing.assert_allclose(np.asarray(re), v.real, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(im), v.imag, rtol=1e-5, atol=1e-4)
+
+  def loss(layer, p, q):
+    re, im = layer(p, q)
+    return jnp.sum(re * g_re) + jnp.sum(im * g_im)
+
+  d_layer, d_p, d_q = nnx.grad(loss, argnums=(0, 1, 2))(layer, jnp.asarray(p), jnp.asarray(q))
+  d_w = d_layer["complex_weight"][...]
+  h = np.conj(big_g) @ w
+  outer = np.einsum("abo,abc->oc", np.conj(big_g).reshape(-1, 5, c_out), big_p.reshape(-1, 5, c_in))
+  np.testing.assert_allclose(np.asarray(d_p), h.real, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(d_q), -h.imag, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(d_w[..., 0]), outer.real, rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(d_w[..., 1]), -outer.imag, rtol=1e-5, atol=1e-3)
 
 
 def test_dtf_block_is_identity_at_init_and_init_statistics():
