@@ -37,12 +37,20 @@ with ``--batch`` / ``--image-size``).
   python benchmarks/train_step.py --models c2d_dtf_resnet50,c2d_sifa_swin_vit_s_p4_w7 --repeats 7
   python benchmarks/train_step.py --json results.json   # also write the rows as JSON
   python benchmarks/train_step.py --round-robin         # every network in one alternation
+  python benchmarks/train_step.py --in-process          # one after another in this process
   python benchmarks/train_step.py --from-json results.json   # print the tables of a saved run
 
-``--round-robin`` builds all networks first and times them in one alternation (every round runs
-each network in both frameworks), so the temporal overheads over the C2D baselines, differences
-of two networks' medians, compare steps of the same minutes rather than each network's own stretch
-of the run (the VM's speed phases last minutes; ``benchmarks/README.md``).
+Schedule: by default each family's networks (the three ResNets, the three Swin-S networks) are
+measured in a fresh process of their own (this script, started by this one, which gathers the rows
+and prints the tables), built first and timed in one alternation: every round runs each of them in
+both frameworks. So a temporal network's overhead over its C2D baseline is a difference of steps
+taken in the same minutes (the VM's speed phases last minutes), and no family runs on the heap,
+compiled executables or cache state another family left. Before session 9 the networks ran one
+after another in one process (``--in-process``): in run T, SIFA-R50's dtf_jax steps took 824 ms
+and 1.49 CPU-s after C2D-R50 and DTF-R50 had run, against 605-671 ms and 1.16-1.27 CPU-s in a
+process of its own (two runs, same code; a slow phase may have added to it); ``--round-robin`` puts all six in one alternation in
+one process (6-13k page faults per dtf_jax step in run U: six temporary buffers share one heap;
+23-322 with one family's three).
 
 Threads: PyTorch uses ``--threads`` intra-op threads (default: all cores); XLA:CPU uses all cores.
 
@@ -64,7 +72,9 @@ import os
 import re
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -463,6 +473,45 @@ def measure_round_robin(specs: list[tuple[str, int, int]], *, repeats: int, warm
   return [_finish(net, on_gpu) for net in networks]
 
 
+def family_groups(names: list[str]) -> list[list[str]]:
+  """``names`` grouped by network family (ResNet, Swin), in order of first appearance."""
+  groups: dict[str, list[str]] = {}
+  for name in names:
+    groups.setdefault(NETWORKS[name].family, []).append(name)
+  return list(groups.values())
+
+
+def child_command(names: list[str], argv: list[str], rows_path: str) -> list[str]:
+  """The command that measures ``names`` in a fresh process, in one alternation, writing their
+  rows to ``rows_path``.
+
+  ``argv`` are this run's measurement options (repeats, warm-up, sizes, threads, overrides); the
+  child prints only its build lines.
+  """
+  return [sys.executable, os.path.abspath(__file__), '--models', ','.join(names), '--round-robin',
+          *argv, '--worker-json', rows_path]
+
+
+def measure_in_processes(groups: list[list[str]], argv: list[str], log=print) -> list[dict]:
+  """Each group of networks in a process of its own (``child_command``), one group after another.
+
+  A group whose process fails is reported and left out (the other groups are still measured).
+  """
+  rows = []
+  with tempfile.TemporaryDirectory(prefix='train_step_') as directory:
+    for i, names in enumerate(groups):
+      path = os.path.join(directory, f'group{i}.json')
+      result = subprocess.run(child_command(names, argv, path), check=False)
+      if result.returncode != 0 or not os.path.exists(path):
+        log(f'  {", ".join(names)}: their measuring process failed (exit code '
+            f'{result.returncode}); left out of the tables (rerun in this process: python '
+            f'benchmarks/train_step.py --in-process --models {",".join(names)})')
+        continue
+      with open(path) as f:
+        rows.extend(json.load(f))
+  return rows
+
+
 def add_temporal_overheads(rows: list[dict]) -> None:
   """Adds, per DTF/SIFA network, the extra train time over its C2D baseline in both frameworks."""
   by_name = {r['model']: r for r in rows}
@@ -554,10 +603,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--override', action='append', default=[], metavar='KEY=VALUE',
                       help='dtf_jax model override, e.g. dtype=bfloat16 or remat=True (repeatable)')
   parser.add_argument('--round-robin', action='store_true',
-                      help='build every network first, then time them all in one alternation '
-                           '(each round runs every network in both frameworks): the overheads '
-                           'over the C2D baselines compare steps of the same minutes')
+                      help='build every network first, then time them all in one alternation in '
+                           'this process (each round runs every network in both frameworks)')
+  parser.add_argument('--in-process', action='store_true',
+                      help='measure the networks one after another in this process (default: '
+                           'each family in a fresh process, its networks in one alternation)')
   parser.add_argument('--json', default=None, help='also write the result rows to this file')
+  parser.add_argument('--worker-json', default=None, help=argparse.SUPPRESS)  # a child's rows
   parser.add_argument('--from-json', default=None, metavar='FILE',
                       help='print the tables of an earlier --json run instead of measuring')
   args = parser.parse_args(argv)
@@ -587,6 +639,15 @@ def main(argv: list[str] | None = None) -> int:
   torch.set_num_threads(args.threads)
   on_gpu = jax.default_backend() == 'gpu'
   sizes = GPU_SIZES if on_gpu else CPU_SIZES
+  specs = [(name, args.batch or sizes[NETWORKS[name].family][0],
+            args.image_size or sizes[NETWORKS[name].family][1]) for name in names]
+  if args.worker_json:  # a child of the default schedule: measure, write the rows, no tables
+    rows = measure_round_robin(specs, repeats=args.repeats, warmup=args.warmup, on_gpu=on_gpu,
+                               jax_overrides=overrides)
+    with open(args.worker_json, 'w') as f:
+      json.dump(rows, f)
+    return 0
+
   device = jax.devices()[0]
   load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
   print(f'device: {device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, '
@@ -598,21 +659,30 @@ def main(argv: list[str] | None = None) -> int:
         f'{"applied" if reused else f"off ({host_memory.ENV_SWITCH}=0 or not a glibc CPU run)"}')
   peak = matmul_peak_flops()
   print(f'float32 matmul peak (2048^3, jitted, fastest of 10; measured again at the end): '
-        f'{peak / 1e9:.0f} GFLOP/s')
-  specs = [(name, args.batch or sizes[NETWORKS[name].family][0],
-            args.image_size or sizes[NETWORKS[name].family][1]) for name in names]
+        f'{peak / 1e9:.0f} GFLOP/s', flush=True)
   if args.round_robin:
+    schedule = 'all networks in one alternation'
     rows = measure_round_robin(specs, repeats=args.repeats, warmup=args.warmup, on_gpu=on_gpu,
                                jax_overrides=overrides)
-  else:
+  elif args.in_process:
+    schedule = 'one network at a time, one process'
     rows = [measure(name, batch=batch, image_size=size, repeats=args.repeats,
                     warmup=args.warmup, on_gpu=on_gpu, jax_overrides=overrides)
             for name, batch, size in specs]
+  else:
+    schedule = 'each family in a fresh process, its networks in one alternation'
+    child_argv = ['--repeats', str(args.repeats), '--warmup', str(args.warmup),
+                  '--threads', str(args.threads)]
+    for flag, value in (('--batch', args.batch), ('--image-size', args.image_size)):
+      if value is not None:
+        child_argv += [flag, str(value)]
+    for item in args.override:
+      child_argv += ['--override', item]
+    rows = measure_in_processes(family_groups(names), child_argv)
   add_temporal_overheads(rows)
   peak = max(peak, matmul_peak_flops())
   load_end = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
   print()
-  schedule = 'all networks in one alternation' if args.round_robin else 'one network at a time'
   print(f'median of {args.repeats} (after {args.warmup} warm-up), alternating A/B, {schedule}; '
         f'load average {load:.2f} -> {load_end:.2f}; float32 matmul peak {peak / 1e9:.0f} GFLOP/s; '
         f'dtf_jax overrides {overrides or "none"}')
@@ -621,8 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json, 'w') as f:
       json.dump(dict(device=device.device_kind, matmul_peak_flops=peak, load_average=[load, load_end],
                      overrides=overrides, glibc_tunables=tunables, reuse_step_memory=reused,
-                     round_robin=args.round_robin, rows=rows), f, indent=1)
-  return 0
+                     round_robin=args.round_robin, schedule=schedule, rows=rows), f, indent=1)
+  return 0 if len(rows) == len(specs) else 1  # (a failed child's networks are missing)
 
 
 if __name__ == '__main__':

@@ -199,3 +199,46 @@ def test_round_robin_times_every_network_in_every_round(monkeypatch):
   for row in rows:
     for fw in ('torch', 'jax'):
       assert len(row[f'{fw}_train_all_ms']) == 3 and len(row[f'{fw}_forward_all_ms']) == 3
+
+
+def test_default_schedule_measures_each_family_in_a_process_of_its_own(monkeypatch, capsys,
+                                                                        tmp_path):
+  """The parent starts one child per network family (its networks in one alternation) with the
+  run's options, gathers the children's rows and prints the tables; a child that fails is
+  reported, its networks left out, and the run exits with 1."""
+  commands = []
+
+  def fake_run(command, check):
+    assert check is False
+    commands.append(command)
+    names = command[command.index('--models') + 1].split(',')
+    if 'c2d_sifa_swin_vit_s_p4_w7' in names:
+      return type('Result', (), {'returncode': 3})()
+    torch_ms = {'c2d_resnet50': 600.0, 'c2d_dtf_resnet50': 1000.0}
+    with open(command[command.index('--worker-json') + 1], 'w') as f:
+      json.dump([_row(name, torch_ms[name], 500.0, 50e9) for name in names], f)
+    return type('Result', (), {'returncode': 0})()
+
+  monkeypatch.setattr(train_step.subprocess, 'run', fake_run)
+  monkeypatch.setattr(train_step, 'matmul_peak_flops', lambda: 200e9)
+  out = tmp_path / 'rows.json'
+  code = train_step.main(['--models', 'c2d_resnet50,c2d_sifa_swin_vit_s_p4_w7,c2d_dtf_resnet50',
+                          '--repeats', '3', '--override', 'remat=True', '--batch', '1',
+                          '--json', str(out)])
+  assert code == 1
+  assert [c[c.index('--models') + 1] for c in commands] == [
+      'c2d_resnet50,c2d_dtf_resnet50', 'c2d_sifa_swin_vit_s_p4_w7']
+  for command in commands:
+    assert command[:2] == [sys.executable, os.path.join(_BENCHMARKS, 'train_step.py')]
+    assert '--round-robin' in command and '--in-process' not in command
+    assert command[command.index('--repeats') + 1] == '3'
+    assert command[command.index('--override') + 1] == 'remat=True'
+    assert command[command.index('--batch') + 1] == '1'
+    assert '--image-size' not in command
+  printed = capsys.readouterr().out
+  assert 'c2d_sifa_swin_vit_s_p4_w7: their measuring process failed (exit code 3)' in printed
+  assert 'each family in a fresh process' in printed
+  assert '| c2d_dtf_resnet50 | +400 | +0 | 0.00 |' in printed  # overhead over the child's baseline
+  saved = json.loads(out.read_text())
+  assert [r['model'] for r in saved['rows']] == ['c2d_resnet50', 'c2d_dtf_resnet50']
+  assert saved['schedule'] == 'each family in a fresh process, its networks in one alternation'
