@@ -7,13 +7,18 @@ Compiles the same jitted step as ``benchmarks/train_step.py`` (no PyTorch involv
 * time per op category (the HLO fusion name without its number, e.g. ``ynn_fusion`` = matmuls and
   convolutions run by YNNPACK, ``transpose_copy_fusion`` = layout transposes, ``while`` = loops),
   summed over threads and averaged over the profiled steps,
-* the most expensive single ops with their output shape and the JAX operation they come from.
+* the most expensive single ops with their output shape and the JAX operation they come from,
+* time per named scope (``--scopes``; by default the DTF block and its phases, which
+  ``dtf_jax.layers.dtf_block`` names with ``jax.named_scope``), forward and backward apart (an op
+  of the backward carries ``transpose(...)`` in its name). Ops that XLA fused across a scope's edge
+  count for the scope of the fusion's root.
 
 Times are wall durations of the ops on their threads, so the totals exceed the step's wall time
 when two threads work concurrently; the shares between categories are what this is for.
 
   python benchmarks/profile_step.py c2d_dtf_resnet50
   python benchmarks/profile_step.py c2d_swin_vit_s_p4_w7 --kind forward --top 30
+  python benchmarks/profile_step.py c2d_dtf_swin_vit_s_p4_w7 --scopes DTFBlock,complex_mix
 """
 
 from __future__ import annotations
@@ -28,16 +33,10 @@ import sys
 import tempfile
 import time
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_cpu_enable_xprof_traceme=true').strip()
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dtf_jax import host_memory, xla_flags  # noqa: E402
-
-xla_flags.add_default_flags()  # the flags train.py runs with
-host_memory.reuse_step_memory()  # as train.py does
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -48,17 +47,40 @@ import train_step  # noqa: E402  (the benchmark's JaxRunner and sizes)
 from dtf_jax.models import create_model  # noqa: E402
 
 _SKIP = ('ThunkExecutor', 'SlinkyThreadPool', 'end: ')
+DEFAULT_SCOPES = 'DTFBlock,frame_wise_aggregation,filter_generation,complex_mix'
 
 
 def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
-  """``{instruction name: (result shape, JAX op_name tail)}`` from compiled HLO text."""
+  """``{instruction name: (result shape, JAX op_name)}`` from compiled HLO text."""
   index = {}
   for line in hlo_text.splitlines():
     m = re.match(r'\s*(?:ROOT )?%(\S+) = (\S+) ', line)
     if m:
       op = re.search(r'op_name="([^"]*)"', line)
-      index[m.group(1)] = (m.group(2).split('{')[0], op.group(1).split('/')[-1] if op else '')
+      index[m.group(1)] = (m.group(2).split('{')[0], op.group(1) if op else '')
   return index
+
+
+def in_scope(op_name: str, scope: str) -> bool:
+  """Whether a JAX op name lies in the named scope (``.../scope/...``, ``jvp(scope)``, ...)."""
+  return re.search(r'(^|[/(])' + re.escape(scope) + r'($|[/)])', op_name) is not None
+
+
+def scope_times(totals: dict[str, int], index: dict[str, tuple[str, str]],
+                scopes: list[str]) -> dict[str, tuple[int, int]]:
+  """``{scope: (forward ns, backward ns)}`` summed over the ops in each scope."""
+  out = {}
+  for scope in scopes:
+    forward = backward = 0
+    for name, ns in totals.items():
+      op_name = index.get(name, ('', ''))[1]
+      if in_scope(op_name, scope):
+        if 'transpose(' in op_name:
+          backward += ns
+        else:
+          forward += ns
+    out[scope] = (forward, backward)
+  return out
 
 
 def profile(fn, args, steps: int):
@@ -85,15 +107,27 @@ def profile(fn, args, steps: int):
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def _configure_process() -> None:
+  """XLA:CPU's per-thunk trace events, the flags and host allocator of train.py (before the first
+  computation; importing this module changes nothing, so the tests can)."""
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_cpu_enable_xprof_traceme=true').strip()
+  xla_flags.add_default_flags()  # the flags train.py runs with
+  host_memory.reuse_step_memory()  # as train.py does
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('model', choices=sorted(train_step.NETWORKS))
   parser.add_argument('--kind', choices=('train', 'forward'), default='train')
   parser.add_argument('--steps', type=int, default=3, help='profiled steps (after 2 warm-up)')
   parser.add_argument('--top', type=int, default=20)
+  parser.add_argument('--scopes', default=DEFAULT_SCOPES,
+                      help='comma-separated jax.named_scope names to sum op time over')
   parser.add_argument('--override', action='append', default=[], metavar='KEY=VALUE',
                       help='dtf_jax model override, e.g. dtype=bfloat16')
   args = parser.parse_args(argv)
+  _configure_process()
   overrides = {}
   for item in args.override:
     key, _, value = item.partition('=')
@@ -147,7 +181,15 @@ def main(argv=None) -> int:
   print(f'\ntop {args.top} ops (ms per step)')
   for name, ns in totals.most_common(args.top):
     shape, op = index.get(name, ('?', ''))
-    print(f'  {ns / 1e6 / n:8.2f}  x{counts[name] // n:<3d} {name:32s} {shape:28s} {op[:48]}')
+    print(f'  {ns / 1e6 / n:8.2f}  x{counts[name] // n:<3d} {name:32s} {shape:28s} '
+          f'{op.split("/")[-1][:48]}')
+  scopes = [s for s in args.scopes.split(',') if s]
+  rows = [(scope, f, b) for scope, (f, b) in scope_times(totals, index, scopes).items() if f + b]
+  if rows:
+    print('\nop time by named scope (ms per step, all threads: forward + backward = total, share)')
+    for scope, f, b in rows:
+      print(f'  {scope:28s} {f / 1e6 / n:7.1f} + {b / 1e6 / n:7.1f} = {(f + b) / 1e6 / n:7.1f}  '
+            f'{100 * (f + b) / total:5.1f}%')
   return 0
 
 

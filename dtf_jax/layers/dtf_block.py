@@ -224,30 +224,36 @@ class DTFBlock(nnx.Module):
           f"DTFBlock(dim={self.dim}, clip_len={self.clip_len}) expects input (B, {self.clip_len}, H, W, "
           f"{self.dim}), got shape {x.shape}; the clip length after the stem must equal the clip_len "
           "the block was built with")
+    with jax.named_scope("DTFBlock"):  # op names carry the block and its phases (profile_step.py)
+      return self._forward(x)
+
+  def _forward(self, x: Array) -> Array:
     b, t, h, w, c = x.shape
     freqs = self.num_freqs
     weight = jax.lax.stop_gradient(self.weights_cor[...])
     # Steps 1-4: raw correlation r (B,T,H,W,K*K) and u = x + next frame's softmax aggregation.
-    u, r = ops.frame_wise_aggregation(
-        x, weight, kernel_size=self.kernel_size, dilation=1, impl=self.kernel_impl)
+    with jax.named_scope("frame_wise_aggregation"):
+      u, r = ops.frame_wise_aggregation(
+          x, weight, kernel_size=self.kernel_size, dilation=1, impl=self.kernel_impl)
 
     # Step 6: filter generation from z[j*T + t] = [u; r]_t[j] (feature-major, time-minor). The
     # kernel rows are permuted to time-major once, so z is the frames' features side by side.
-    cdtype = self.dtype or x.dtype
-    z = jnp.concatenate([u.astype(cdtype), r.astype(cdtype)], axis=-1)  # (B, T, H, W, C+K*K)
-    kernel = self.filter_g.kernel[...].astype(cdtype)  # ((C+K*K)*T, O), row j*T + t
-    if b * h * w >= kernel.shape[-1]:
-      # Permute the (smaller) kernel rows to time-major instead of the features.
-      z = jnp.transpose(z, (0, 2, 3, 1, 4)).reshape(b, h, w, -1)  # (B, H, W, T*(C+K*K))
-      kernel = jnp.swapaxes(kernel.reshape(-1, t, kernel.shape[-1]), 0, 1).reshape(kernel.shape)
-    else:
-      z = jnp.transpose(z, (0, 2, 3, 4, 1)).reshape(b, h, w, -1)  # (B, H, W, (C+K*K)*T)
-    phi = jnp.matmul(z, kernel).astype(jnp.float32)  # (B, H, W, O)
+    with jax.named_scope("filter_generation"):
+      cdtype = self.dtype or x.dtype
+      z = jnp.concatenate([u.astype(cdtype), r.astype(cdtype)], axis=-1)  # (B, T, H, W, C+K*K)
+      kernel = self.filter_g.kernel[...].astype(cdtype)  # ((C+K*K)*T, O), row j*T + t
+      if b * h * w >= kernel.shape[-1]:
+        # Permute the (smaller) kernel rows to time-major instead of the features.
+        z = jnp.transpose(z, (0, 2, 3, 1, 4)).reshape(b, h, w, -1)  # (B, H, W, T*(C+K*K))
+        kernel = jnp.swapaxes(kernel.reshape(-1, t, kernel.shape[-1]), 0, 1).reshape(kernel.shape)
+      else:
+        z = jnp.transpose(z, (0, 2, 3, 4, 1)).reshape(b, h, w, -1)  # (B, H, W, (C+K*K)*T)
+      phi = jnp.matmul(z, kernel).astype(jnp.float32)  # (B, H, W, O)
 
-    # Step 7: each entry repeated factor_g times, read as (C, F, 2) -> filter (B, H, W, F, C).
-    psi = jnp.repeat(phi, self.factor_g, axis=-1).reshape(b, h, w, c, freqs, 2)
-    psi = jnp.transpose(psi, (0, 1, 2, 4, 3, 5))
-    psi_r, psi_i = psi[..., 0], psi[..., 1]
+      # Step 7: each entry repeated factor_g times, read as (C, F, 2) -> filter (B, H, W, F, C).
+      psi = jnp.repeat(phi, self.factor_g, axis=-1).reshape(b, h, w, c, freqs, 2)
+      psi = jnp.transpose(psi, (0, 1, 2, 4, 3, 5))
+      psi_r, psi_i = psi[..., 0], psi[..., 1]
 
     # Step 5: orthonormal real DFT over time (constant 3x4 matrices for T = 4), float32,
     # frequency-major per pixel: (B, H, W, F, C).
@@ -261,7 +267,8 @@ class DTFBlock(nnx.Module):
     # normalisation's backward inside the weight-gradient transposes.
     operands = jax.lax.optimization_barrier(self.linear1.gauss_operands(
         spec_r * psi_r - spec_i * psi_i, spec_r * psi_i + spec_i * psi_r))  # (3, B, H, W, F, C)
-    mixed = self.linear1.mix_gauss_operands(operands)  # (B, H, W, F, 2, C)
+    with jax.named_scope("complex_mix"):
+      mixed = self.linear1.mix_gauss_operands(operands)  # (B, H, W, F, 2, C)
     mixed = common.materialized_cotangent(mixed)
 
     # Step 9: one BatchNorm over real and imaginary parts (statistics over B, H, W, F, re/im).
