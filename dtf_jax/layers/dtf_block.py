@@ -236,19 +236,21 @@ class DTFBlock(nnx.Module):
       u, r = ops.frame_wise_aggregation(
           x, weight, kernel_size=self.kernel_size, dilation=1, impl=self.kernel_impl)
 
-    # Step 6: filter generation from z[j*T + t] = [u; r]_t[j] (feature-major, time-minor). The
-    # kernel rows are permuted to time-major once, so z is the frames' features side by side.
+    # Step 6: filter generation from z[j*T + t] = [u; r]_t[j] (feature-major, time-minor):
+    # phi = sum_t u_t @ K_u[t] + r_t @ K_r[t] with the kernel rows regrouped per frame, two batched
+    # matmuls over the T frames. No concatenated, transposed copy of [u; r] is made (that copy and
+    # its inverse in the backward cost more than the matmul: filter generation alone, forward +
+    # backward, 0.53-0.75x at the stage shapes with >= 14x14 maps, 0.95-1.08x at the smallest).
     with jax.named_scope("filter_generation"):
       cdtype = self.dtype or x.dtype
-      z = jnp.concatenate([u.astype(cdtype), r.astype(cdtype)], axis=-1)  # (B, T, H, W, C+K*K)
       kernel = self.filter_g.kernel[...].astype(cdtype)  # ((C+K*K)*T, O), row j*T + t
-      if b * h * w >= kernel.shape[-1]:
-        # Permute the (smaller) kernel rows to time-major instead of the features.
-        z = jnp.transpose(z, (0, 2, 3, 1, 4)).reshape(b, h, w, -1)  # (B, H, W, T*(C+K*K))
-        kernel = jnp.swapaxes(kernel.reshape(-1, t, kernel.shape[-1]), 0, 1).reshape(kernel.shape)
-      else:
-        z = jnp.transpose(z, (0, 2, 3, 4, 1)).reshape(b, h, w, -1)  # (B, H, W, (C+K*K)*T)
-      phi = jnp.matmul(z, kernel).astype(jnp.float32)  # (B, H, W, O)
+      per_frame = jnp.swapaxes(kernel.reshape(-1, t, kernel.shape[-1]), 0, 1)  # (T, C+K*K, O)
+      frames_first = lambda a: jnp.moveaxis(a.astype(cdtype), 1, 0).reshape(t, b * h * w, -1)
+      frame_products = lambda a, k: jax.lax.dot_general(  # (T, BHW, I) x (T, I, O) -> (T, BHW, O)
+          a, k, (((2,), (1,)), ((0,), (0,)))).sum(axis=0)
+      phi = (frame_products(frames_first(u), per_frame[:, :c])
+             + frame_products(frames_first(r), per_frame[:, c:]))
+      phi = phi.reshape(b, h, w, -1).astype(jnp.float32)  # (B, H, W, O)
 
       # Step 7: each entry repeated factor_g times, read as (C, F, 2) -> filter (B, H, W, F, C).
       psi = jnp.repeat(phi, self.factor_g, axis=-1).reshape(b, h, w, c, freqs, 2)
