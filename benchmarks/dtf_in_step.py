@@ -77,6 +77,8 @@ _DTF_VARIANTS = {
     'frame-wise aggregation only': (dtf_block.DTFBlock, '__call__', _aggregation_only),
     'DTF blocks = identity': (dtf_block.DTFBlock, '__call__', _identity),
 }
+
+
 def _zeros(module, x):
   del module
   return jnp.zeros_like(x)

@@ -33,7 +33,7 @@ Sizes: on CPU the issue's measurement sizes (ResNets: batch 2, 16 frames, 112x11
 16 frames, 224x224); on a GPU the recipe's (24 clips of 16 frames at 224x224 per device; override
 with ``--batch`` / ``--image-size``).
 
-  python benchmarks/train_step.py                       # all six networks, ~10 min on 2 cores
+  python benchmarks/train_step.py                       # all six networks, ~13 min on 2 cores
   python benchmarks/train_step.py --models c2d_dtf_resnet50,c2d_sifa_swin_vit_s_p4_w7 --repeats 7
   python benchmarks/train_step.py --json results.json   # also write the rows as JSON
   python benchmarks/train_step.py --round-robin         # every network in one alternation
@@ -48,9 +48,9 @@ taken in the same minutes (the VM's speed phases last minutes), and no family ru
 compiled executables or cache state another family left. Before session 9 the networks ran one
 after another in one process (``--in-process``): in run T, SIFA-R50's dtf_jax steps took 824 ms
 and 1.49 CPU-s after C2D-R50 and DTF-R50 had run, against 605-671 ms and 1.16-1.27 CPU-s in a
-process of its own (two runs, same code; a slow phase may have added to it); ``--round-robin`` puts all six in one alternation in
-one process (6-13k page faults per dtf_jax step in run U: six temporary buffers share one heap;
-23-322 with one family's three).
+process of its own (two runs, same code; a slow phase may have added to it). ``--round-robin``
+puts all six in one alternation in one process (6-13k page faults per dtf_jax step in run U: six
+temporary buffers share one heap; 23-322 with one family's three).
 
 Threads: PyTorch uses ``--threads`` intra-op threads (default: all cores); XLA:CPU uses all cores.
 
@@ -453,10 +453,8 @@ def _finish(net: _Network, on_gpu: bool) -> dict:
 def measure(name: str, *, batch: int, image_size: int, repeats: int, warmup: int, on_gpu: bool,
             jax_overrides: dict | None = None, log=print) -> dict:
   """Alternating A/B timings of one network; returns a row of results."""
-  net = _build(name, batch=batch, image_size=image_size, on_gpu=on_gpu,
-               jax_overrides=jax_overrides, log=log)
-  _time_rounds([net], repeats, warmup)
-  return _finish(net, on_gpu)
+  return measure_round_robin([(name, batch, image_size)], repeats=repeats, warmup=warmup,
+                             on_gpu=on_gpu, jax_overrides=jax_overrides, log=log)[0]
 
 
 def measure_round_robin(specs: list[tuple[str, int, int]], *, repeats: int, warmup: int,
@@ -471,6 +469,16 @@ def measure_round_robin(specs: list[tuple[str, int, int]], *, repeats: int, warm
                      jax_overrides=jax_overrides, log=log) for name, batch, size in specs]
   _time_rounds(networks, repeats, warmup)
   return [_finish(net, on_gpu) for net in networks]
+
+
+def measure_here(specs: list[tuple[str, int, int]], *, round_robin: bool, repeats: int, warmup: int,
+                 on_gpu: bool, jax_overrides: dict | None = None) -> list[dict]:
+  """The networks measured in this process: in one alternation, or one after another."""
+  if round_robin:
+    return measure_round_robin(specs, repeats=repeats, warmup=warmup, on_gpu=on_gpu,
+                               jax_overrides=jax_overrides)
+  return [measure(name, batch=batch, image_size=size, repeats=repeats, warmup=warmup,
+                  on_gpu=on_gpu, jax_overrides=jax_overrides) for name, batch, size in specs]
 
 
 def family_groups(names: list[str]) -> list[list[str]]:
@@ -641,9 +649,10 @@ def main(argv: list[str] | None = None) -> int:
   sizes = GPU_SIZES if on_gpu else CPU_SIZES
   specs = [(name, args.batch or sizes[NETWORKS[name].family][0],
             args.image_size or sizes[NETWORKS[name].family][1]) for name in names]
+  measure_args = dict(round_robin=args.round_robin, repeats=args.repeats, warmup=args.warmup,
+                      on_gpu=on_gpu, jax_overrides=overrides)
   if args.worker_json:  # a child of the default schedule: measure, write the rows, no tables
-    rows = measure_round_robin(specs, repeats=args.repeats, warmup=args.warmup, on_gpu=on_gpu,
-                               jax_overrides=overrides)
+    rows = measure_here(specs, **measure_args)
     with open(args.worker_json, 'w') as f:
       json.dump(rows, f)
     return 0
@@ -660,15 +669,10 @@ def main(argv: list[str] | None = None) -> int:
   peak = matmul_peak_flops()
   print(f'float32 matmul peak (2048^3, jitted, fastest of 10; measured again at the end): '
         f'{peak / 1e9:.0f} GFLOP/s', flush=True)
-  if args.round_robin:
-    schedule = 'all networks in one alternation'
-    rows = measure_round_robin(specs, repeats=args.repeats, warmup=args.warmup, on_gpu=on_gpu,
-                               jax_overrides=overrides)
-  elif args.in_process:
-    schedule = 'one network at a time, one process'
-    rows = [measure(name, batch=batch, image_size=size, repeats=args.repeats,
-                    warmup=args.warmup, on_gpu=on_gpu, jax_overrides=overrides)
-            for name, batch, size in specs]
+  if args.round_robin or args.in_process:
+    schedule = ('all networks in one alternation' if args.round_robin
+                else 'one network at a time, one process')
+    rows = measure_here(specs, **measure_args)
   else:
     schedule = 'each family in a fresh process, its networks in one alternation'
     child_argv = ['--repeats', str(args.repeats), '--warmup', str(args.warmup),
@@ -691,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.json, 'w') as f:
       json.dump(dict(device=device.device_kind, matmul_peak_flops=peak, load_average=[load, load_end],
                      overrides=overrides, glibc_tunables=tunables, reuse_step_memory=reused,
-                     round_robin=args.round_robin, schedule=schedule, rows=rows), f, indent=1)
+                     schedule=schedule, rows=rows), f, indent=1)
   return 0 if len(rows) == len(specs) else 1  # (a failed child's networks are missing)
 
 

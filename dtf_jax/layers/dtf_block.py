@@ -127,7 +127,7 @@ class ComplexLinear(nnx.Module):
     cost: 2 GFLOP per Swin-S stage-3 block step). The three products run as one batched matmul
     (forward) and two (backward) rather than three and six: at the DTF stage shapes each product
     is small (e.g. 4704 x 64 x 64), and XLA:CPU runs fewer, larger matmuls faster (one DTF-R50
-    mix, forward + backward: 0.86-0.96x of three separate products). Rounding differs from the
+    mix, forward + backward: 0.72-0.93x of three separate products). Rounding differs from the
     four-product form at float32 level (relative ~1e-7 of ``|A| |P|``).
     """
     w = self.complex_weight[...]
